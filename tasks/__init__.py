@@ -1,0 +1,1 @@
+"""Vectorised environments: DeepMind Control (CPU workers) and Isaac Lab (imported lazily)."""
