@@ -115,3 +115,7 @@ def test_bad_input_messages() -> None:
         rb.add(transitions(0, 2).exclude("truncated"))
     with pytest.raises(ValueError, match="capacity 4"):
         ReplayBuffer(5, OBS, ACT).load_state_dict(rb.state_dict())
+    bad = transitions(0, 2)
+    bad["reward"] = bad["reward"][:, None]
+    with pytest.raises(ValueError, match=r"reward has per-transition shape \(1,\)"):
+        rb.add(bad)
