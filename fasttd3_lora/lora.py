@@ -1,0 +1,244 @@
+"""Hyperspherical LoRA layer of the critic's block matrices (DESIGN §3, paper Eqs. 11-15 and the §7 ablations).
+
+`W = W0 + s B A` with `s = alpha / r`, a frozen buffer `W0` (rows of squared norm `base_init_scale`, Eq. 14) and
+trainable adapters `A (r x in)`, `B (out x r)`, both N(0, 1/r) (Eq. 15). After init and after every optimiser
+step, `project_()` rescales each row of `B` by the positive root `c_i` of `||w0_i + c_i dw_i|| = 1`
+(Eqs. 11-13), so the effective rows are unit norm while `W0` is never touched.
+
+The math is in pure functions (`lora_delta`, `positive_root`, `projection_factors`, `hyperspherical_lora_weight`)
+so a fused kernel can replace them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from fasttd3_lora.hypersphere import Projected, SphericalLinear, check_ensemble, check_positive_int
+
+__all__ = [
+    "ROOT_EPS",
+    "lora_delta",
+    "positive_root",
+    "projection_factors",
+    "hyperspherical_lora_weight",
+    "frozen_base",
+    "LoRALinear",
+]
+
+# Denominator guard of the root: only reached when dW_i is (numerically) zero, where no finite root exists.
+ROOT_EPS = 1e-30
+
+
+def lora_delta(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    """`dW = s B A`: (out, r) @ (r, in) -> (out, in), batched over a leading ensemble axis."""
+    return scale * (lora_B @ lora_A)
+
+
+def positive_root(a: Tensor, b: Tensor, g: Tensor, eps: float = ROOT_EPS) -> Tensor:
+    """The positive root c of `a c^2 + 2 b c - g = 0` (Eq. 13), elementwise, in float32.
+
+    `a = ||dw||^2`, `b = <w0, dw>`, `g = 1 - ||w0||^2 > 0`; the roots have product `-g/a < 0`, so exactly one
+    is positive: `c = (-b + sqrt(D)) / a = g / (b + sqrt(D))` with `D = b^2 + a g` (clamped at 0).
+    The rationalised form `g / (b + sqrt(D))` is cancellation-free for `b >= 0`, but for `b < 0` it subtracts
+    two nearly equal numbers when `g` is small (dw anti-parallel to a base row of norm near 1: measured in fp32,
+    `||w0 + c dw||^2 - 1` reached 1e-4 at ||w0||^2 = 0.999 and 7e-3 at 0.9999), so that branch uses the equal
+    `(sqrt(D) - b) / a`, which only adds (error stays ~2e-7).
+    """
+    a, b, g = a.float(), b.float(), g.float()
+    sqrt_d = torch.sqrt(torch.clamp(b * b + a * g, min=0.0))
+    nonneg = b >= 0
+    numerator = torch.where(nonneg, g, sqrt_d - b)
+    denominator = torch.where(nonneg, b + sqrt_d, a)
+    return numerator / denominator.clamp_min(eps)
+
+
+def projection_factors(base: Tensor, delta: Tensor) -> Tensor:
+    """Per-row factors c_i > 0 with `||w0_i + c_i dw_i|| = 1` (Eqs. 11-13), shape `base.shape[:-1]`, fp32."""
+    base, delta = base.float(), delta.float()
+    a = (delta * delta).sum(-1)
+    b = (base * delta).sum(-1)
+    g = 1.0 - (base * base).sum(-1)
+    return positive_root(a, b, g)
+
+
+def hyperspherical_lora_weight(
+    base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Reference of the projection: `(W_eff, c)` with `W_eff = W0 + diag(c) s B A` (fp32); mutates nothing.
+
+    With `project=False` (LoRA-NoWN) `c` is all ones. `project_()` applies `B <- diag(c) B`, after which
+    `W0 + s B A` equals the returned `W_eff`.
+    """
+    delta = lora_delta(lora_A.float(), lora_B.float(), scale)
+    if project:
+        c = projection_factors(base, delta)
+    else:
+        c = torch.ones(delta.shape[:-1], dtype=torch.float32, device=delta.device)
+    return base.float() + c.unsqueeze(-1) * delta, c
+
+
+def _check_open_unit(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0):
+        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
+
+
+@torch.no_grad()
+def frozen_base(
+    out_features: int,
+    in_features: int,
+    base_init_scale: float,
+    *,
+    ensemble: int | None = None,
+    base_rank: int | None = None,
+) -> Tensor:
+    """Frozen base W0 (Eq. 14): orthogonal, rows rescaled to `||w0_i||^2 = base_init_scale`.
+
+    With `base_rank=k` the matrix is `Q_out Q_in^T` with orthonormal (out x k) and (in x k) factors (rank k,
+    all singular values equal before the row rescale), then rows are rescaled the same way.
+    """
+    _check_open_unit("base_init_scale", base_init_scale)
+    members = 1 if ensemble is None else ensemble
+    base = torch.empty(members, out_features, in_features)
+    for member in base:
+        if base_rank is None:
+            nn.init.orthogonal_(member)
+        else:
+            q_out = nn.init.orthogonal_(torch.empty(out_features, base_rank))
+            q_in = nn.init.orthogonal_(torch.empty(in_features, base_rank))
+            member.copy_(q_out @ q_in.T)
+    base = _rescale_rows(base, base_init_scale)
+    return base[0] if ensemble is None else base
+
+
+def _rescale_rows(weight: Tensor, base_init_scale: float) -> Tensor:
+    """Rows scaled to norm sqrt(base_init_scale) (Eq. 14)."""
+    norms = torch.linalg.vector_norm(weight, dim=-1, keepdim=True).clamp_min(1e-8)
+    return weight * (math.sqrt(base_init_scale) / norms)
+
+
+class LoRALinear(Projected):
+    """Bias-free linear layer `W = W0 + (alpha/r) B A` with hyperspherical projection of `B` (DESIGN §3).
+
+    Switches for the paper's §7 ablations: `project=False` is LoRA-NoWN (`project_()` does nothing);
+    `use_base=False` is NoBase (`W = s B A`, i.e. W0 = 0, projected with the same root at g = 1);
+    `base_rank=k` gives a rank-k frozen base. `base` is a buffer: never in an optimiser, never changed.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int = 96,
+        alpha: float = 96.0,
+        base_init_scale: float = 0.5,
+        *,
+        ensemble: int | None = None,
+        project: bool = True,
+        use_base: bool = True,
+        base_rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        check_ensemble(ensemble)
+        full = min(in_features, out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+            raise ValueError(f"rank must be an int in [1, min(in, out)] = [1, {full}], got {rank!r}")
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        _check_open_unit("base_init_scale", base_init_scale)
+        if base_rank is not None:
+            if not use_base:
+                raise ValueError(f"base_rank={base_rank!r} needs use_base=True (NoBase has no W0)")
+            if isinstance(base_rank, bool) or not isinstance(base_rank, int) or not 1 <= base_rank < full:
+                raise ValueError(f"base_rank must be None or an int in [1, min(in, out)) = [1, {full}), got {base_rank!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
+        self.base_init_scale = float(base_init_scale)
+        self.ensemble = ensemble
+        self.project = bool(project)
+        self.use_base = bool(use_base)
+        self.base_rank = base_rank
+
+        lead = () if ensemble is None else (ensemble,)
+        if use_base:
+            base = frozen_base(out_features, in_features, base_init_scale, ensemble=ensemble, base_rank=base_rank)
+        else:
+            base = torch.zeros(*lead, out_features, in_features)
+        self.register_buffer("base", base)
+        self.lora_A = nn.Parameter(torch.empty(*lead, rank, in_features))
+        self.lora_B = nn.Parameter(torch.empty(*lead, out_features, rank))
+        self.reset_adapters_()
+
+    @torch.no_grad()
+    def reset_adapters_(self) -> None:
+        """Fresh adapters A, B ~ N(0, 1/r) (Eq. 15; never B = 0, where the projection is degenerate), projected."""
+        std = 1.0 / math.sqrt(self.rank)
+        nn.init.normal_(self.lora_A, std=std)
+        nn.init.normal_(self.lora_B, std=std)
+        self.project_()
+
+    @classmethod
+    def from_dense(
+        cls,
+        layer: SphericalLinear,
+        rank: int = 96,
+        alpha: float = 96.0,
+        base_init_scale: float = 0.5,
+        *,
+        project: bool = True,
+    ) -> "LoRALinear":
+        """Dense warm-up conversion (paper Figure 4): W0 := the layer's current weight with rows rescaled to
+        `||w0_i||^2 = base_init_scale`; fresh adapters, projected. Same device as `layer`."""
+        if not isinstance(layer, SphericalLinear):
+            raise ValueError(f"from_dense expects a SphericalLinear, got {type(layer).__name__}")
+        weight = layer.effective_weight().detach()
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            rank,
+            alpha,
+            base_init_scale,
+            ensemble=layer.ensemble,
+            project=project,
+        ).to(weight.device)
+        new.base.copy_(_rescale_rows(weight.float(), base_init_scale))
+        new.reset_adapters_()
+        return new
+
+    def delta_weight(self) -> Tensor:
+        """`s B A` with the current (already projected) B."""
+        return lora_delta(self.lora_A, self.lora_B, self.scale)
+
+    def effective_weight(self) -> Tensor:
+        return self.base + self.delta_weight()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Rows of x per ensemble member decide the cheaper form (DESIGN §3): the factored form costs
+        # N r (in + out) extra, the dense one r in out, so dense wins when N > in*out/(in+out).
+        rows = x.shape[-2] if self.ensemble is not None and x.dim() >= 2 else x[..., 0].numel()
+        if rows > self.in_features * self.out_features / (self.in_features + self.out_features):
+            return x @ self.effective_weight().mT
+        low_rank = self.scale * ((x @ self.lora_A.mT) @ self.lora_B.mT)
+        return x @ self.base.mT + low_rank if self.use_base else low_rank
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """`B_i <- c_i B_i` (Eqs. 11-13); no-op for LoRA-NoWN. W0 is not touched."""
+        if not self.project:
+            return
+        c = projection_factors(self.base, lora_delta(self.lora_A.float(), self.lora_B.float(), self.scale))
+        self.lora_B.mul_(c.unsqueeze(-1).to(self.lora_B.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, base_init_scale={self.base_init_scale}, ensemble={self.ensemble}, "
+            f"project={self.project}, use_base={self.use_base}, base_rank={self.base_rank}"
+        )
