@@ -71,16 +71,16 @@ def categorical_projection(
     shift = z if bonus is None else z - bonus.float().unsqueeze(1)  # (K,) or (N, K)
     t = rewards.float().unsqueeze(1) + discounts.float().unsqueeze(1) * shift
     t = torch.clamp(t, v_min, v_max)  # (N, K)
-    # Clamping b again absorbs rounding: (v_max - v_min) / dz can come out as K-1 + 1 ulp, whose ceil is K.
-    b = ((t - v_min) / delta_z).clamp(0, k - 1)
+    b = (t - v_min) / delta_z
     lower = b.floor()
     w_upper = b - lower  # in [0, 1); exactly 0 when l == u, so all mass stays on l
     w_lower = 1.0 - w_upper  # = u - b whenever u = l + 1
     p = next_probs.float()
 
     # One index_add_ over the flattened (N*K) output: row i's atom j lives at i*K + j.
-    # A NaN target gives a garbage index after .long(); the clamp keeps it in range so the NaN shows up
-    # in the loss instead of as an out-of-bounds error (or a device-side assert on CUDA).
+    # Clamping the indices absorbs rounding (t = v_max can give b = K-1 + 1 ulp, whose ceil is K; its weight
+    # is ~1e-5 and lands on K-1, where it belongs), and keeps the garbage index of a NaN target in range, so
+    # the NaN shows up in the loss instead of as an out-of-bounds error (a device-side assert on CUDA).
     row = torch.arange(n, device=p.device).unsqueeze(1) * k
     idx = torch.cat([lower.long().clamp(0, k - 1), b.ceil().long().clamp(0, k - 1)], dim=1) + row
     mass = torch.cat([p * w_lower, p * w_upper], dim=1)
