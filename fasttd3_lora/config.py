@@ -1,0 +1,320 @@
+"""Composing and validating the Hydra config of `python -m fasttd3_lora.train` (docs/training.md).
+
+The groups live in `configs/` (installed as `fasttd3_lora.configs`). Everything here fails with a `ConfigError`
+whose message is one line naming the key, the value and what is allowed, so the app can print it and exit 2
+before any work starts. Hydra's own errors are multi-line; the group choices and key names of the overrides are
+therefore checked here first, against the config directory, with close matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "CONFIG_MODULE",
+    "CRITIC_KINDS",
+    "RESUME_MAY_CHANGE",
+    "ConfigError",
+    "config_dir",
+    "group_options",
+    "check_overrides",
+    "compose_config",
+    "validate_config",
+    "merge_overrides",
+    "check_resume_compatible",
+    "path_safe",
+]
+
+CONFIG_MODULE = "fasttd3_lora.configs"
+CONFIG_NAME = "config"
+CRITIC_KINDS = ("simbav2", "sparse", "lora")
+TASK_FAMILIES = ("dmc",)
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("offline", "online", "disabled")
+# Top-level keys a resumed run may change: they steer the run, not what is learnt (docs/training.md, "Resume").
+RESUME_MAY_CHANGE = (
+    "total_env_steps", "eval_every", "eval_episodes", "checkpoint_every", "save_buffer",
+    "keep_eval_checkpoints", "resume", "logger", "wandb", "device",
+)  # fmt: skip
+_LIST_AT_MOST = 12  # a group with more options than this is answered with close matches only
+
+
+class ConfigError(ValueError):
+    """A bad command line or config value; the message is one line."""
+
+
+def path_safe(text: str) -> str:
+    """`dmc/cheetah-run` -> `dmc-cheetah-run`: a config value as one path component (run directory names)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
+
+
+# The run-directory template in configs/config.yaml uses it; registered once, at import.
+if not OmegaConf.has_resolver("path_safe"):
+    OmegaConf.register_new_resolver("path_safe", path_safe)
+
+
+def config_dir() -> Path:
+    """The directory of the installed config groups."""
+    return Path(str(importlib.resources.files(CONFIG_MODULE)))
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group, nested ones as `dmc/walker-walk`, sorted."""
+    root = config_dir() / group
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def _is_group(key: str) -> bool:
+    return bool(key) and not key.startswith("hydra") and (config_dir() / key).is_dir()
+
+
+def _unknown(what: str, value: str, options: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(value, options, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    if len(options) <= _LIST_AT_MOST:
+        allowed = f" (allowed: {', '.join(options)})"
+    else:
+        allowed = f" ({len(options)} options in {where})"
+    return ConfigError(f"{what}={value}: unknown option{hint}{allowed}")
+
+
+def _parse(overrides: Sequence[str]) -> list[Override]:
+    try:
+        return OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise ConfigError(f"cannot parse overrides {' '.join(overrides)}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def _group_values(override: Override) -> list[str]:
+    """The option names an override selects (several for a choice sweep `critic=lora,sparse`)."""
+    if override.is_sweep_override():
+        try:
+            return [str(v) for v in override.sweep_string_iterator()]
+        except HydraException:  # range()/interval() on a group: Hydra itself reports that
+            return []
+    value = override.value()
+    return [] if value is None else [str(value)]
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Check every group choice (`critic=foo`, `task=dmc/chetah-run`) against the config directory, and every
+    plain key (`total_env_step=5`) against the composed config, so typos fail in one line with close matches."""
+    parsed = _parse(overrides)
+    groups = [o for o in parsed if _is_group(o.key_or_group)]
+    for override in groups:
+        if override.is_delete():
+            continue
+        options = group_options(override.key_or_group)
+        for value in _group_values(override):
+            if "*" in value:  # glob(...) sweeps pick existing files by construction
+                continue
+            if value not in options:
+                raise _unknown(override.key_or_group, value, options, f"configs/{override.key_or_group}/")
+    plain = [o for o in parsed if not _is_group(o.key_or_group) and not o.key_or_group.startswith("hydra")]
+    if not plain:
+        return
+    # Compose with the group choices only, to learn which keys exist for this selection.
+    base = compose_config([o.input_line for o in groups if not o.is_sweep_override()], check=False)
+    keys = _leaf_keys(base)
+    for override in plain:
+        if override.type == OverrideType.CHANGE and OmegaConf.select(base, override.key_or_group, default=_MISSING) is _MISSING:
+            raise _unknown_key(override.key_or_group, keys)
+
+
+_MISSING = object()
+
+
+def _unknown_key(key: str, keys: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else "see docs/training.md for the keys"
+    return ConfigError(f"{key}: no such config key; {hint} (use +{key}=... to add a new one)")
+
+
+def _leaf_keys(cfg: DictConfig) -> list[str]:
+    return list(_flatten(OmegaConf.to_container(cfg, resolve=False)))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def compose_config(overrides: Sequence[str] = (), *, check: bool = True) -> DictConfig:
+    """The app's config for these overrides, as Hydra composes it (without the `hydra` node), validated.
+
+    `check=False` skips `check_overrides` and `validate_config` (used internally to list the keys)."""
+    if check:
+        check_overrides(overrides)
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(f"invalid overrides {' '.join(overrides)}: {_first_line(exc)}") from None
+    if check:
+        validate_config(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=_MISSING)
+    if value is _MISSING:
+        raise ConfigError(f"{key}: missing from the config (compose it from configs/, see docs/training.md)")
+    return value
+
+
+def _int(cfg: DictConfig, key: str, lo: int, hi: int | None = None) -> int:
+    value = _get(cfg, key)
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        bound = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+        raise ConfigError(f"{key}={value!r}: allowed {bound}")
+    return value
+
+
+def _number(cfg: DictConfig, key: str, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
+    value = _get(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+        allowed = f"a number > {lo}" if hi == float("inf") and lo_open else f"a number in {left}{lo}, {hi}{right}"
+        raise ConfigError(f"{key}={value!r}: allowed {allowed}")
+    return float(value)
+
+
+def _positive(cfg: DictConfig, key: str) -> float:
+    return _number(cfg, key, 0.0, float("inf"), lo_open=True, hi_open=True)
+
+
+def _choice(cfg: DictConfig, key: str, allowed: Iterable[Any]) -> Any:
+    value = _get(cfg, key)
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: allowed one of {', '.join(map(str, allowed))}")
+    return value
+
+
+def _bool(cfg: DictConfig, key: str) -> bool:
+    value = _get(cfg, key)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: allowed true or false")
+    return value
+
+
+def validate_config(cfg: DictConfig, algorithms: Iterable[str] = ("sac",)) -> None:
+    """Raise `ConfigError` (one line: key, value, what is allowed) on the first invalid value.
+
+    `algorithms` names the agents the app can build (train.py passes its registry)."""
+    _choice(cfg, "algo.name", algorithms)
+    _int(cfg, "seed", 0, 2**32 - 1)  # numpy's seeding range
+    device = _get(cfg, "device")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"device={device!r}: allowed cpu, cuda, cuda:<index> or mps")
+    for key in ("total_env_steps", "eval_every", "checkpoint_every", "eval_episodes"):
+        _int(cfg, key, 1)
+    _bool(cfg, "save_buffer")
+    _bool(cfg, "keep_eval_checkpoints")
+    resume = _get(cfg, "resume")
+    if resume is not None and not (isinstance(resume, str) and resume):
+        raise ConfigError(f"resume={resume!r}: allowed null, a run directory or a checkpoint file")
+    _choice(cfg, "logger", LOGGERS)
+    _choice(cfg, "wandb.mode", WANDB_MODES)
+
+    family = _choice(cfg, "task.family", TASK_FAMILIES)
+    name = _get(cfg, "task.name")
+    options = group_options("task")
+    if name not in options or not str(name).startswith(f"{family}/"):
+        raise _unknown("task.name", str(name), [o for o in options if o.startswith(f"{family}/")], "configs/task/")
+    _int(cfg, "task.max_episode_steps", 1)
+
+    for key in ("num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
+                "actor_hidden_dim", "actor_num_blocks"):  # fmt: skip
+        _int(cfg, f"algo.{key}", 2 if key == "num_atoms" else 1)
+    _int(cfg, "algo.learning_starts", 0)
+    batch, buffer = cfg.algo.batch_size, cfg.algo.buffer_size
+    if batch > buffer:
+        raise ConfigError(f"algo.batch_size={batch}: allowed at most algo.buffer_size ({buffer})")
+    _positive(cfg, "algo.lr_init")
+    _positive(cfg, "algo.lr_final")
+    _number(cfg, "algo.tau", 0.0, 1.0, lo_open=True, hi_open=False)
+    _positive(cfg, "algo.temperature_init")
+    _number(cfg, "algo.target_entropy_per_action_dim", float("-inf"), float("inf"), lo_open=True, hi_open=True)
+    if _get(cfg, "algo.discount") is not None:
+        _number(cfg, "algo.discount", 0.0, 1.0, lo_open=False, hi_open=True)
+    v_min = _number(cfg, "algo.v_min", float("-inf"), float("inf"), lo_open=True, hi_open=True)
+    v_max = _number(cfg, "algo.v_max", float("-inf"), float("inf"), lo_open=True, hi_open=True)
+    if not v_min < v_max:
+        raise ConfigError(f"algo.v_max={v_max!r}: allowed a number > algo.v_min ({v_min!r})")
+    _choice(cfg, "algo.num_critics", (1, 2))
+    _number(cfg, "algo.lora_weight_decay", 0.0, float("inf"), lo_open=False, hi_open=True)
+    _bool(cfg, "algo.amp_bf16")
+    _bool(cfg, "algo.compile")
+
+    hidden = _int(cfg, "scale.critic_hidden_dim", 1)
+    _int(cfg, "scale.critic_num_blocks", 1)
+    _number(cfg, "scale.sparsity", 0.0, 1.0, lo_open=False, hi_open=True)
+
+    kind = _choice(cfg, "critic.kind", CRITIC_KINDS)
+    if kind == "lora":
+        # The adapted matrices are the blocks' W1 (4d x d) and W2 (d x 4d): min(d_in, d_out) = d (DESIGN §3).
+        _int(cfg, "critic.rank", 1, hidden)
+        _positive(cfg, "critic.alpha")
+        _number(cfg, "critic.base_init_scale", 0.0, 1.0, lo_open=True, hi_open=True)
+        _bool(cfg, "critic.project")
+        _bool(cfg, "critic.use_base")
+        if _get(cfg, "critic.base_rank") is not None:
+            _int(cfg, "critic.base_rank", 1, hidden - 1)
+        _number(cfg, "critic.warmup_fraction", 0.0, 1.0, lo_open=False, hi_open=True)
+
+
+# -------------------------------------------------------------------------------------------------- resume
+
+
+def merge_overrides(first: Sequence[str], then: Sequence[str]) -> list[str]:
+    """`first` followed by `then`, where an override of `then` replaces one of `first` with the same key.
+
+    A resumed run composes from the overrides of the run it continues plus the new command line."""
+    merged: dict[tuple[str, str | None], str] = {}
+    for override in _parse(first) + _parse(then):
+        merged.pop((override.key_or_group, override.package), None)  # re-insert: the later one goes last
+        merged[(override.key_or_group, override.package)] = override.input_line
+    return list(merged.values())
+
+
+def check_resume_compatible(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    """A resumed run may change only `RESUME_MAY_CHANGE`; anything else would not continue the same run."""
+    now, before = _flatten(cfg), _flatten(saved)
+    for key in sorted(set(now) | set(before)):
+        if key.split(".")[0] in RESUME_MAY_CHANGE or now.get(key, _MISSING) == before.get(key, _MISSING):
+            continue
+        raise ConfigError(
+            f"{key}={now.get(key, '<absent>')!r}: a resumed run must keep the checkpoint's value "
+            f"{before.get(key, '<absent>')!r} (only {', '.join(RESUME_MAY_CHANGE)} may change)"
+        )

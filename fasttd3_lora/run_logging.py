@@ -1,0 +1,200 @@
+"""What a run reports: metrics.csv, TensorBoard events, optional wandb, and the progress display.
+
+One `RunLogger.log(env_step, wall_time, metrics)` call writes a row to every sink; the keys are the CSV columns,
+the TensorBoard tags and the wandb keys alike. A resumed run drops what the crashed run wrote after its
+checkpoint (CSV rows and TensorBoard events past that step), so each step appears once.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from fasttd3_lora.checkpoint import atomic_write
+
+__all__ = ["MetricsCSV", "RunLogger", "Progress", "format_duration"]
+
+METRICS_FILE = "metrics.csv"
+FIRST_COLUMNS = ("env_step", "wall_time")
+
+
+class MetricsCSV:
+    """Append-only CSV whose header grows when a row brings a new key (the file is rewritten then, atomically).
+
+    Rows are flushed as written, so a killed run keeps every row it logged. `keep_until` drops rows with
+    `env_step` beyond it (the part of a crashed run that its resume repeats)."""
+
+    def __init__(self, path: str | Path, *, keep_until: int | None = None) -> None:
+        self.path = Path(path)
+        self.columns: list[str] = list(FIRST_COLUMNS)
+        rows: list[dict[str, str]] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or FIRST_COLUMNS)
+                rows = list(reader)
+        if keep_until is not None:
+            kept = [r for r in rows if r.get("env_step") and int(r["env_step"]) <= keep_until]
+            if len(kept) != len(rows) or not self.path.is_file():
+                self._rewrite(kept)
+        elif not self.path.is_file():
+            self._rewrite([])
+        self._file: IO[str] = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+
+    def _rewrite(self, rows: list[Mapping[str, Any]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.path, lambda f: f.write(buffer.getvalue().encode()))
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        new = [key for key in row if key not in self.columns]
+        if new:
+            self._file.close()
+            with open(self.path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            self.columns += new
+            self._rewrite(rows)
+            self._file = open(self.path, "a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class RunLogger:
+    """metrics.csv and TensorBoard events in `run_dir`, plus a wandb run when `wandb` settings are given.
+
+    `wandb`: {"project", "entity", "mode"}; mode "offline" (the default config) writes `run_dir/wandb/offline-run-*`
+    with no account and no network (`wandb sync` uploads it later). A `WANDB_MODE` environment variable, when
+    set, wins over the config, as wandb's own convention. `start_step` > 0 marks a resumed run."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        config: Mapping[str, Any],
+        wandb: Mapping[str, Any] | None = None,
+        start_step: int = 0,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        resumed = start_step > 0
+        self.csv = MetricsCSV(self.run_dir / METRICS_FILE, keep_until=start_step if resumed else None)
+        # purge_step hides the events the crashed run wrote after the checkpoint (TensorBoard's resume mechanism).
+        self.tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=start_step + 1 if resumed else None)
+        self.wandb_run = None if wandb is None else _start_wandb(self.run_dir, config, wandb)
+
+    def log(self, env_step: int, wall_time: float, metrics: Mapping[str, float]) -> None:
+        self.csv.write({"env_step": env_step, "wall_time": round(wall_time, 3), **metrics})
+        for key, value in metrics.items():
+            self.tb.add_scalar(key, value, global_step=env_step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=env_step)
+
+    def close(self) -> None:
+        self.csv.close()
+        self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _start_wandb(run_dir: Path, config: Mapping[str, Any], settings: Mapping[str, Any]) -> Any:
+    os.environ.setdefault("WANDB_SILENT", "true")  # no banners, no prompts in offline mode
+    import wandb  # optional dependency (the `wandb` extra): imported only when asked for
+
+    # One wandb id per run directory, so a resumed run continues the same wandb run.
+    run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    return wandb.init(
+        project=settings["project"],
+        entity=settings.get("entity"),
+        mode=os.environ.get("WANDB_MODE", settings["mode"]),
+        dir=str(run_dir),
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        config=dict(config),
+        settings=wandb.Settings(console="off"),  # leave stdout to the progress bar
+    )
+
+
+def format_duration(seconds: float) -> str:
+    """`3725` -> `1:02:05` (the ETA in log lines)."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A live tqdm bar (env steps, SPS, ETA, last eval return) on a terminal; periodic log lines otherwise
+    (a log file, a CI job, `nohup`), every `interval_s` seconds and after each evaluation."""
+
+    def __init__(self, total: int, initial: int = 0, *, stream: IO[str] | None = None, interval_s: float = 30.0) -> None:
+        self.total, self.stream, self.interval_s = total, stream or sys.stdout, interval_s
+        self.env_step, self.sps, self.eval_return = initial, math.nan, None
+        self._last_line = time.monotonic()
+        is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = (
+            tqdm(total=total, initial=initial, file=self.stream, unit="step", unit_scale=True, dynamic_ncols=True)
+            if is_tty
+            else None
+        )
+
+    def update(self, env_step: int, *, sps: float | None = None, eval_return: float | None = None) -> None:
+        new_eval = eval_return is not None
+        if sps is not None:
+            self.sps = sps
+        if new_eval:
+            self.eval_return = eval_return
+        if self.bar is not None:
+            self.bar.update(env_step - self.env_step)
+            if sps is not None or new_eval:
+                self.bar.set_postfix(self._postfix(), refresh=False)
+        elif new_eval or time.monotonic() - self._last_line >= self.interval_s:
+            self._line(env_step)
+        self.env_step = env_step
+
+    def _postfix(self) -> dict[str, str]:
+        postfix = {"SPS": f"{self.sps:.0f}"}
+        if self.eval_return is not None:
+            postfix["eval"] = f"{self.eval_return:.1f}"
+        return postfix
+
+    def _line(self, env_step: int) -> None:
+        self._last_line = time.monotonic()
+        eta = (self.total - env_step) / self.sps if self.sps > 0 else math.nan
+        text = (
+            f"env_step {env_step}/{self.total} ({100.0 * env_step / self.total:.1f}%) | {self.sps:.0f} SPS"
+            f" | ETA {format_duration(eta)}"
+        )
+        if self.eval_return is not None:
+            text += f" | eval return {self.eval_return:.1f}"
+        print(text, file=self.stream, flush=True)
+
+    def write(self, message: str) -> None:
+        """A message that does not tear the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._line(self.env_step)
