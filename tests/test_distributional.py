@@ -161,11 +161,17 @@ def test_property_mass_conserved_and_nonnegative(seed, n, k, v_max, rewards, dis
     gen = torch.Generator().manual_seed(seed)
     atoms = make_atoms(-v_max, v_max, k)
     p = random_probs(n, k, gen)
+    r, d = torch.tensor(rewards[:n]), torch.tensor(discounts[:n])
     b = None if bonus is None else torch.tensor(bonus[:n])
-    out = categorical_projection(p, torch.tensor(rewards[:n]), torch.tensor(discounts[:n]), atoms, b)
+    out = categorical_projection(p, r, d, atoms, b)
     assert torch.isfinite(out).all()
     assert (out >= 0).all()
     torch.testing.assert_close(out.sum(1), torch.ones(n), atol=2e-6, rtol=0)
+    # Each p_k is split between the two atoms around clip(t_k) keeping its mean, so the projected mean is
+    # sum_k p_k clip(t_k) (t in float32 as the spec writes it; huge ones must land on the right end).
+    t = r[:, None] + d[:, None] * (atoms - (0.0 if b is None else b[:, None]))
+    clipped_mean = (p.double() * t.clamp(-v_max, v_max).double()).sum(1)
+    torch.testing.assert_close((out.double() * atoms.double()).sum(1), clipped_mean, atol=1e-5 * v_max, rtol=0)
 
 
 def test_loss_equals_manual_cross_entropy_single_and_stacked():

@@ -78,6 +78,13 @@ def test_normalize_is_finite_on_constant_data(value):
     assert out.abs().max() < 1e-2  # constant data sits at the mean
 
 
+def test_normalize_with_zero_variance_divides_by_sqrt_eps():
+    # var = 0 (e.g. a loaded checkpoint of a coordinate that never moved): (x - mu) / sqrt(0 + 1e-8) = 1e4 (x - mu)
+    rms = RunningMeanStd(2)
+    rms.load_state_dict({"mean": torch.tensor([1.0, -2.0]), "var": torch.zeros(2), "num_samples": torch.tensor(10)})
+    torch.testing.assert_close(rms(torch.tensor([[1.5, -2.0]])), torch.tensor([[5000.0, 0.0]]))
+
+
 def test_state_dict_round_trip_and_weights_only_load():
     gen = torch.Generator().manual_seed(1)
     rms = RunningMeanStd(5)
