@@ -244,7 +244,9 @@ def polyak_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
         for tp, op in zip(t.parameters(recurse=False), o.parameters(recurse=False), strict=True):
             destinations.append(tp)
             sources.append(op)
-    torch._foreach_lerp_(destinations, sources, tau)
+    # The literal tau*W + (1-tau)*W_t (not lerp), so the update is bit-for-bit the formula of DESIGN §3.
+    torch._foreach_mul_(destinations, 1.0 - tau)
+    torch._foreach_add_(destinations, torch._foreach_mul(sources, tau))
 
 
 def convert_blocks_to_lora_(
