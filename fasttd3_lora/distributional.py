@@ -74,18 +74,17 @@ def categorical_projection(
     b = (t - v_min) / delta_z
     lower = b.floor()
     w_upper = b - lower  # in [0, 1); exactly 0 when l == u, so all mass stays on l
-    w_lower = 1.0 - w_upper  # = u - b whenever u = l + 1
     p = next_probs.float()
 
-    # One index_add_ over the flattened (N*K) output: row i's atom j lives at i*K + j.
+    # index_add_ over the flattened (N*K) output: row i's atom j lives at i*K + j.
     # Clamping the indices absorbs rounding (t = v_max can give b = K-1 + 1 ulp, whose ceil is K; its weight
     # is ~1e-5 and lands on K-1, where it belongs), and keeps the garbage index of a NaN target in range, so
     # the NaN shows up in the loss instead of as an out-of-bounds error (a device-side assert on CUDA).
-    row = torch.arange(n, device=p.device).unsqueeze(1) * k
-    idx = torch.cat([lower.long().clamp(0, k - 1), b.ceil().long().clamp(0, k - 1)], dim=1) + row
-    mass = torch.cat([p * w_lower, p * w_upper], dim=1)
+    row = torch.arange(0, n * k, k, device=p.device).unsqueeze(1)
     out = torch.zeros(n * k, dtype=torch.float32, device=p.device)
-    out.index_add_(0, idx.reshape(-1), mass.reshape(-1))
+    mass_upper = p * w_upper
+    out.index_add_(0, lower.long().clamp_(0, k - 1).add_(row).view(-1), (p - mass_upper).view(-1))  # p (1 - (b - l))
+    out.index_add_(0, b.ceil().long().clamp_(0, k - 1).add_(row).view(-1), mass_upper.view(-1))
     return out.view(n, k)
 
 
