@@ -2,7 +2,8 @@
 
 Pure functions on tensors. Every function upcasts to float32 before doing arithmetic, so they are safe to call
 inside a bf16 ``torch.autocast`` region: the projection's ``floor``/``ceil`` and interpolation weights would be
-badly wrong in bf16 (it has 8 bits of mantissa: atom 137 of 251 is not even representable as an index).
+badly wrong in bf16 (8 significant bits: between 128 and 256 the spacing is 1, so b = 137.4 rounds to 137 and
+its interpolation weight is lost).
 """
 
 from __future__ import annotations
