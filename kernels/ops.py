@@ -1,0 +1,176 @@
+"""`lora_weight`: the hyperspherical-LoRA weight (DESIGN §3, Eqs. 11-13) as torch custom ops.
+
+Two ops share one implementation, which runs the fused Triton kernel (`triton_lora.py`) or the pure-torch
+reference of `fasttd3_lora.lora` (the CPU path and the tests' oracle):
+
+* `fasttd3_lora::lora_weight_project_(base, lora_A, lora_B!, scale, backend) -> (W_eff, c)` projects: it
+  scales the rows of `lora_B` by `c` in place (a declared mutation) and returns `W_eff = W0 + diag(c) s B A`.
+  It is a parameter update, run after an optimiser step, so it has no autograd formula of its own.
+* `fasttd3_lora::lora_weight_dense(base, lora_A, lora_B, scale, backend) -> W_eff = W0 + s B A` is the
+  differentiable forward use of the weight (gradients to A and B only, `lora_weight_backward`).
+
+Both are `torch.library.triton_op`s: their Python body is their fake (meta) implementation too, and under
+`torch.compile` Inductor sees through them (the Triton kernel, or the reference's torch ops), so a compiled
+critic has no graph break.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+__all__ = ["BACKENDS", "lora_weight", "cached_lora_weight", "lora_weight_backward"]
+
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def lora_weight_backward(grad_w: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Gradients of `W = W0 + s B A` (Eq. 11's ΔW = s B A): `dA = s Bᵀ dW`, `dB = s dW Aᵀ` (batched)."""
+    return scale * (lora_B.mT @ grad_w), scale * (grad_w @ lora_A.mT)
+
+
+def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project: bool, backend: str):
+    """Shared body of both ops: `(W_eff in base.dtype, c in fp32)`; scales `lora_B` in place iff `project`."""
+    # Imported here, not at the top: fasttd3_lora.lora imports this package for LoRALinear (an import cycle
+    # otherwise). This body runs as the op's kernel, never under Dynamo, so the import is a dict lookup.
+    from fasttd3_lora.lora import ROOT_EPS, hyperspherical_lora_weight, lora_delta
+
+    if backend == "triton":
+        from fasttd3_lora.kernels import triton_lora  # lazy: importing triton costs ~1 s and is optional
+
+        w_eff = torch.empty_like(base)
+        if project:
+            c = base.new_empty(base.shape[:-1], dtype=torch.float32)
+        else:
+            c = base.new_ones(base.shape[:-1], dtype=torch.float32)
+        triton_lora.launch(base, lora_A, lora_B, w_eff, c, scale, ROOT_EPS, project)
+        return w_eff, c
+    if project:
+        w_eff, c = hyperspherical_lora_weight(base, lora_A, lora_B, scale, project=True)
+        lora_B.mul_(c.unsqueeze(-1))
+        return w_eff.to(base.dtype), c
+    # Without projection W0 + s B A is computed in the inputs' own dtype (the reference upcasts to fp32, which
+    # would round float64 inputs and spoil gradcheck); for fp32 it is the same arithmetic.
+    return base + lora_delta(lora_A, lora_B, scale), base.new_ones(base.shape[:-1], dtype=torch.float32)
+
+
+@triton_op("fasttd3_lora::lora_weight_project_", mutates_args={"lora_B"})
+def _project_op(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _compute(base, lora_A, lora_B, scale, True, backend)
+
+
+@triton_op("fasttd3_lora::lora_weight_dense", mutates_args=())
+def _dense_op(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, backend: str) -> Tensor:
+    return _compute(base, lora_A, lora_B, scale, False, backend)[0]
+
+
+def _dense_setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
+    _, lora_A, lora_B, scale, _ = inputs
+    ctx.save_for_backward(lora_A, lora_B)
+    ctx.scale = scale
+
+
+def _dense_backward(ctx, grad_w: Tensor):  # noqa: ANN001
+    lora_A, lora_B = ctx.saved_tensors
+    grad_A, grad_B = lora_weight_backward(grad_w, lora_A, lora_B, ctx.scale)
+    return None, grad_A, grad_B, None, None
+
+
+_dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+
+
+class _CachedWeight(torch.autograd.Function):
+    """Identity on an already computed `W_eff = W0 + s B A`, with that expression's gradients to A and B."""
+
+    @staticmethod
+    def forward(ctx, w_eff: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(lora_A, lora_B)
+        ctx.scale = scale
+        return w_eff
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor):  # noqa: ANN001
+        lora_A, lora_B = ctx.saved_tensors
+        grad_A, grad_B = lora_weight_backward(grad_w, lora_A, lora_B, ctx.scale)
+        return None, grad_A, grad_B, None
+
+
+def cached_lora_weight(w_eff: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
+    """`w_eff` (a dense `W0 + s B A` computed earlier, e.g. by `lora_weight`) as a differentiable function of
+    the current `lora_A`, `lora_B`. The caller guarantees it is up to date; autograd's saved-tensor version
+    check fails the backward if A or B change in place between this call and the backward."""
+    return _CachedWeight.apply(w_eff, lora_A, lora_B, scale)
+
+
+def _resolve_backend(backend: str, base: Tensor, dtype: torch.dtype) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if base.is_cuda and _HAS_TRITON and dtype in _TRITON_DTYPES else "torch"
+    if backend == "triton":
+        if not _HAS_TRITON:
+            raise ImportError("backend='triton' needs the triton package: pip install 'fasttd3-lora[triton]'")
+        if not base.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1, got device {base.device}")
+        if dtype not in _TRITON_DTYPES:
+            raise ValueError(f"backend='triton' supports dtypes {_TRITON_DTYPES}, got {dtype}")
+    return backend
+
+
+def _check_inputs(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float) -> None:
+    if base.dim() not in (2, 3):
+        raise ValueError(f"base must be (out, in) or (E, out, in), got shape {tuple(base.shape)}")
+    lead, (out_f, in_f) = base.shape[:-2], base.shape[-2:]
+    rank = lora_A.shape[-2] if lora_A.dim() == base.dim() else -1
+    if lora_A.shape != (*lead, rank, in_f) or lora_B.shape != (*lead, out_f, rank):
+        raise ValueError(
+            f"expected lora_A (..., r, {in_f}) and lora_B (..., {out_f}, r) with the leading dims of base "
+            f"{tuple(base.shape)}, got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    if not (base.dtype == lora_A.dtype == lora_B.dtype and base.dtype.is_floating_point):
+        raise ValueError(f"base, lora_A, lora_B must share one float dtype, got {base.dtype}, {lora_A.dtype}, {lora_B.dtype}")
+    if not (base.device == lora_A.device == lora_B.device):
+        raise ValueError(f"base, lora_A, lora_B must be on one device, got {base.device}, {lora_A.device}, {lora_B.device}")
+    if base.requires_grad:
+        raise ValueError("base requires grad, but W0 is frozen: gradients reach only lora_A and lora_B")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+
+
+def lora_weight(
+    base: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scale: float,
+    *,
+    project: bool = True,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """`(W_eff, c)` for one LoRA layer or a stacked ensemble (DESIGN §3, Eqs. 11-13).
+
+    `base` (out, in) or (E, out, in), `lora_A` (..., r, in), `lora_B` (..., out, r), one dtype (float32 or
+    bfloat16 for Triton; accumulation is float32), `scale = alpha / r`. With `project`, `c` (float32,
+    `base.shape[:-1]`) is the positive root of Eq. 13 per row, `lora_B` is scaled by it **in place** and
+    `W_eff = W0 + diag(c) s B A` has unit rows; without it, `c` is all ones and nothing is mutated.
+    `W_eff` has `base`'s dtype and back-propagates to `lora_A`, `lora_B` as `W0 + s B A` with the (new) B.
+    `backend`: "auto" (Triton for CUDA tensors, torch elsewhere), "triton" (forced; CPU tensors need
+    TRITON_INTERPRET=1) or "torch" (the reference).
+    """
+    _check_inputs(base, lora_A, lora_B, scale)
+    resolved = _resolve_backend(backend, base, base.dtype)
+    scale = float(scale)
+    if not project:
+        w_eff = _dense_op(base, lora_A, lora_B, scale, resolved)
+        return w_eff, torch.ones(base.shape[:-1], dtype=torch.float32, device=base.device)
+    with torch.no_grad():
+        w_eff, c = _project_op(base, lora_A.detach(), lora_B.detach(), scale, resolved)
+    if torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
+        w_eff = cached_lora_weight(w_eff, lora_A, lora_B, scale)
+    return w_eff, c
