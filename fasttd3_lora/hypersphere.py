@@ -11,8 +11,15 @@ import abc
 import torch
 from torch import Tensor, nn
 
-__all__ = ["l2_normalize", "Projected", "project_", "orthogonal_unit_rows_", "SphericalLinear",
-           "check_ensemble", "check_positive_int"]
+__all__ = [
+    "l2_normalize",
+    "Projected",
+    "project_",
+    "orthogonal_unit_rows_",
+    "SphericalLinear",
+    "check_ensemble",
+    "check_positive_int",
+]
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:

@@ -72,7 +72,8 @@ def hyperspherical_lora_weight(
     With `project=False` (LoRA-NoWN) `c` is all ones. `project_()` applies `B <- diag(c) B`, after which
     `W0 + s B A` equals the returned `W_eff`.
     """
-    delta = lora_delta(lora_A.float(), lora_B.float(), scale)
+    with torch.autocast(base.device.type, enabled=False):  # fp32 even if called inside a bf16 region
+        delta = lora_delta(lora_A.float(), lora_B.float(), scale)
     if project:
         c = projection_factors(base, delta)
     else:
@@ -221,7 +222,9 @@ class LoRALinear(Projected):
 
     def forward(self, x: Tensor) -> Tensor:
         # Rows of x per ensemble member decide the cheaper form (DESIGN §3): the factored form costs
-        # N r (in + out) extra, the dense one r in out, so dense wins when N > in*out/(in+out).
+        # N r (in + out) extra, the dense one r in out, so dense wins when N > in*out/(in+out). (Counting the
+        # backward too moves the crossover to ~700 rows at 512x2048, r=96; SAC's 256 and FastTD3's 8192 fall on
+        # the same side either way.)
         rows = x.shape[-2] if self.ensemble is not None and x.dim() >= 2 else x[..., 0].numel()
         if rows > self.in_features * self.out_features / (self.in_features + self.out_features):
             return x @ self.effective_weight().mT
@@ -233,8 +236,9 @@ class LoRALinear(Projected):
         """`B_i <- c_i B_i` (Eqs. 11-13); no-op for LoRA-NoWN. W0 is not touched."""
         if not self.project:
             return
-        c = projection_factors(self.base, lora_delta(self.lora_A.float(), self.lora_B.float(), self.scale))
-        self.lora_B.mul_(c.unsqueeze(-1).to(self.lora_B.dtype))
+        with torch.autocast(self.base.device.type, enabled=False):  # the root needs fp32 (DESIGN §3)
+            delta = lora_delta(self.lora_A.float(), self.lora_B.float(), self.scale)
+        self.lora_B.mul_(projection_factors(self.base, delta).unsqueeze(-1).to(self.lora_B.dtype))
 
     def extra_repr(self) -> str:
         return (

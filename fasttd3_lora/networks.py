@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -192,7 +192,7 @@ def make_critic(
     return critic
 
 
-def _replace_children_(net: nn.Module, kind: type[nn.Module], convert) -> int:
+def _replace_children_(net: nn.Module, kind: type[nn.Module], convert: Callable[[nn.Module], nn.Module]) -> int:
     """Replace every child module of type `kind` (at any depth) by `convert(child)`; returns how many."""
     count = 0
     for parent in list(net.modules()):

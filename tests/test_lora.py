@@ -207,3 +207,15 @@ def test_gradients_reach_only_the_adapters(rows):
     assert layer.base.grad is None and not layer.base.requires_grad
     assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
     assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_projection_stays_fp32_inside_a_bf16_autocast_region():
+    torch.manual_seed(8)
+    layer = LoRALinear(64, 128, rank=8, project=False)
+    layer.project = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.project_()
+        w_eff, _ = hyperspherical_lora_weight(layer.base, layer.lora_A, layer.lora_B, layer.scale)
+    assert_unit_rows(layer.effective_weight(), 1e-6)
+    assert w_eff.dtype == torch.float32
+    assert_unit_rows(w_eff, 1e-6)
