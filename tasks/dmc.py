@@ -1,0 +1,227 @@
+"""N DeepMind Control environments stepped as one batch, as a TorchRL env (issue 3 item 1; DESIGN §5, §9).
+
+`DMCEnv("dmc/cheetah-run", num_envs=N)` is a `torchrl.envs.EnvBase` with ``batch_size=[N]``:
+
+* ``observation``: float32 ``(N, obs_dim)``, the task's observation dict flattened in the order of its
+  ``observation_spec()`` (`observation_layout()` lists ``[(key, shape)]``; scalars take one slot).
+* ``action``: float32 ``(N, act_dim)`` in [-1, 1], rescaled affinely to the task's bounds
+  (``env_action = action_offset + action_scale * action``). Actions outside [-1, 1] (or NaN) are rejected with a
+  `ValueError`, not clipped: a policy that leaves the box (a forgotten tanh, noise not clamped) is a bug to see.
+* ``reward``: float32 ``(N, 1)``, summed over the ``action_repeat`` simulator steps of one agent step; repeating
+  stops at the episode's end.
+* ``terminated`` / ``truncated`` / ``done = terminated | truncated``: bool ``(N, 1)``. A dm_control time limit is
+  a truncation; ``terminated`` is a LAST step with discount 0, which no time-limited suite task produces.
+
+Episodes end after `max_episode_steps` *control* steps (the task's time limit, or the given override), i.e.
+``ceil(max_episode_steps / action_repeat)`` agent steps; `control_period` is the seconds of one agent step,
+``physics.timestep() * n_sub_steps * action_repeat``. Env i is seeded with ``seed + i`` whatever the number of
+workers, so results do not depend on `num_workers`. Partial resets follow TorchRL: ``_reset`` masks in
+`reset`, and `step_and_maybe_reset` keeps the true final observation under ``("next", "observation")``.
+
+Stepping runs in forked worker processes (`vector_workers.ProcessPool`; each steps a contiguous slice of the
+envs with numpy and sends back one buffer per step; workers never render, so no GL/EGL context is needed), or in
+this process when ``num_workers=0`` (the default for one env). Close with `close()` or a ``with`` block;
+workers never outlive the parent (see `vector_workers`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from dm_control import suite
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Bounded, Categorical, Composite, Unbounded
+from torchrl.envs import EnvBase
+
+from fasttd3_lora.tasks.dmc_slice import DMCSlice, result_views, slice_bounds
+from fasttd3_lora.tasks.vector_workers import LocalPool, ProcessPool
+
+PREFIX = "dmc/"
+_METHODS = ("step", "reset", "seed")
+_MAX_SEED = 2**32  # dm_control seeds a numpy RandomState, which takes seeds in [0, 2**32)
+
+
+def list_dmc_tasks() -> list[str]:
+    """Every task of `dm_control.suite.ALL_TASKS` as ``dmc/<domain>-<task>``."""
+    return [f"{PREFIX}{domain}-{task}" for domain, task in suite.ALL_TASKS]
+
+
+def parse_dmc_task(name: str) -> tuple[str, str]:
+    """``"dmc/ball_in_cup-catch"`` -> ``("ball_in_cup", "catch")``; unknown names list close matches."""
+    known = {f"{PREFIX}{domain}-{task}": (domain, task) for domain, task in suite.ALL_TASKS}
+    if name in known:
+        return known[name]
+    bare = [k.removeprefix(PREFIX) for k in known]
+    close = difflib.get_close_matches(str(name).removeprefix(PREFIX), bare, n=5, cutoff=0.6)
+    hint = ", ".join(PREFIX + c for c in close) if close else "none (see list_dmc_tasks())"
+    raise ValueError(f"unknown DMC task {name!r}; expected dmc/<domain>-<task>, close matches: {hint}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low or (
+        high is not None and value > high
+    ):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
+    return int(value)
+
+
+class DMCEnv(EnvBase):
+    """`num_envs` envs of one DMC task as a batched TorchRL env (see the module docstring for the contract).
+
+    `seed=None` draws the base seed from torch's global generator (so ``torch.manual_seed`` makes runs
+    reproducible). `num_workers=None` means one worker per CPU core, at most one per env, and none (in-process)
+    for a single env. `timeout_s` bounds the wait for any worker reply.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        num_envs: int = 1,
+        *,
+        action_repeat: int = 1,
+        seed: int | None = None,
+        max_episode_steps: int | None = None,
+        num_workers: int | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        domain, task_name = parse_dmc_task(task)
+        num_envs = _check_int("num_envs", num_envs, 1)
+        action_repeat = _check_int("action_repeat", action_repeat, 1)
+        if max_episode_steps is not None:
+            max_episode_steps = _check_int("max_episode_steps", max_episode_steps, 1)
+        if num_workers is None:
+            num_workers = 0 if num_envs == 1 else min(num_envs, os.cpu_count() or 1)
+        num_workers = _check_int("num_workers", num_workers, 0, num_envs)
+        if seed is None:
+            seed = int(torch.randint(0, _MAX_SEED - num_envs, ()).item())
+        seed = _check_int("seed", seed, 0, _MAX_SEED - num_envs)
+        super().__init__(batch_size=torch.Size([num_envs]), device="cpu")
+
+        self.task_name = task
+        self.num_envs = num_envs
+        self.action_repeat = action_repeat
+        self.base_seed = seed
+        self._bounds = slice_bounds(num_envs, max(num_workers, 1))
+        factories = [
+            functools.partial(DMCSlice, domain, task_name, seed, lo, hi - lo, action_repeat, max_episode_steps)
+            for lo, hi in self._bounds
+        ]
+        if num_workers == 0:
+            self._pool: LocalPool | ProcessPool = LocalPool(factories, methods=_METHODS, name=task)
+        else:
+            self._pool = ProcessPool(factories, methods=_METHODS, name=task, timeout_s=timeout_s)
+        self.is_closed = False
+        info = self._pool.infos[0]
+        if info["max_episode_steps"] is None:
+            self.close()
+            raise ValueError(f"{task} has no time limit; pass max_episode_steps (control steps per episode)")
+        self.max_episode_steps: int = info["max_episode_steps"]
+        self.control_period: float = info["control_timestep"] * action_repeat
+        self._layout: list[tuple[str, tuple[int, ...]]] = info["layout"]
+        self._obs_dim: int = info["obs_dim"]
+        low, high = info["action_low"], info["action_high"]
+        # float64 for the rescale done in numpy before sending; float32 copies for export metadata.
+        self._scale_np = (high - low) / 2.0
+        self._offset_np = (high + low) / 2.0
+        self.action_scale = torch.as_tensor(self._scale_np, dtype=torch.float32)
+        self.action_offset = torch.as_tensor(self._offset_np, dtype=torch.float32)
+        self._needs_reset = np.ones(num_envs, dtype=np.bool_)
+
+        n, act_dim = num_envs, len(low)
+        self.observation_spec = Composite(
+            observation=Unbounded(shape=(n, self._obs_dim), dtype=torch.float32), shape=(n,)
+        )
+        self.action_spec = Bounded(low=-1.0, high=1.0, shape=(n, act_dim), dtype=torch.float32)
+        self.reward_spec = Unbounded(shape=(n, 1), dtype=torch.float32)
+        flag = functools.partial(Categorical, 2, (n, 1), dtype=torch.bool)
+        self.done_spec = Composite(done=flag(), terminated=flag(), truncated=flag(), shape=(n,))
+
+    def observation_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``[(key, shape)]`` of the flattened observation, in order (a scalar has shape ``()``, one slot)."""
+        return list(self._layout)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (empty when stepping in-process)."""
+        return self._pool.pids
+
+    def _gather(self, replies: list[Any]) -> tuple[torch.Tensor, ...]:
+        """Copy the workers' result buffers into fresh tensors (the buffers are reused on the next call)."""
+        n = self.num_envs
+        obs = torch.empty(n, self._obs_dim)
+        reward = torch.empty(n, 1)
+        terminated = torch.empty(n, 1, dtype=torch.bool)
+        truncated = torch.empty(n, 1, dtype=torch.bool)
+        columns = (obs.numpy(), reward.numpy()[:, 0], terminated.numpy()[:, 0], truncated.numpy()[:, 0])
+        for (lo, hi), buf in zip(self._bounds, replies, strict=True):
+            for column, view in zip(columns, result_views(buf, hi - lo, self._obs_dim), strict=True):
+                column[lo:hi] = view
+        return obs, reward, terminated, truncated
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        action = tensordict.get("action").detach()
+        if action.shape != self.action_spec.shape:
+            raise ValueError(f"{self.task_name}: action must have shape {tuple(self.action_spec.shape)}, "
+                             f"got {tuple(action.shape)}")
+        if not bool((action.abs() <= 1.0).all()):
+            raise ValueError(
+                f"{self.task_name}: actions must lie in [-1, 1] (they are rescaled to the task's bounds here), "
+                f"got min {action.min().item():.6g}, max {action.max().item():.6g} "
+                f"({int(action.isnan().sum())} NaN)"
+            )
+        if self._needs_reset.any():
+            raise RuntimeError(
+                f"{self.task_name}: envs {np.flatnonzero(self._needs_reset).tolist()} must be reset before "
+                "stepping (new env or episode over): use reset() or step_and_maybe_reset()"
+            )
+        scaled = self._offset_np + self._scale_np * action.cpu().numpy()
+        obs, reward, terminated, truncated = self._gather(
+            self._pool.call("step", [scaled[lo:hi] for lo, hi in self._bounds])
+        )
+        done = terminated | truncated
+        self._needs_reset = done[:, 0].numpy().copy()
+        return TensorDict(
+            {"observation": obs, "reward": reward, "done": done, "terminated": terminated, "truncated": truncated},
+            batch_size=self.batch_size,
+        )
+
+    def _reset(self, tensordict: TensorDictBase | None, **kwargs: Any) -> TensorDictBase:
+        mask = None if tensordict is None else tensordict.get("_reset", None)
+        if mask is None:
+            mask_np = np.ones(self.num_envs, dtype=np.bool_)
+        else:
+            mask_np = mask.reshape(self.num_envs).cpu().numpy()
+        obs, _, terminated, truncated = self._gather(
+            self._pool.call("reset", [mask_np[lo:hi] for lo, hi in self._bounds])
+        )
+        self._needs_reset &= ~mask_np
+        return TensorDict(
+            {"observation": obs, "done": terminated | truncated, "terminated": terminated, "truncated": truncated},
+            batch_size=self.batch_size,
+        )
+
+    def _set_seed(self, seed: int | None) -> None:
+        """Env i's task RNG restarts from ``seed + i``; it applies from each env's next reset."""
+        if seed is None:
+            seed = int(torch.randint(0, _MAX_SEED - self.num_envs, ()).item())
+        seed = _check_int("seed", seed, 0, _MAX_SEED - self.num_envs)
+        self._pool.call("seed", [np.array([seed], dtype=np.int64)] * len(self._bounds))
+        self.base_seed = seed
+
+    def close(self, *, raise_if_closed: bool = True) -> None:
+        pool = self.__dict__.get("_pool")
+        if pool is not None:
+            pool.close()
+        super().close(raise_if_closed=raise_if_closed)
+
+    def __enter__(self) -> DMCEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

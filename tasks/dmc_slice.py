@@ -1,0 +1,155 @@
+"""A contiguous slice of DeepMind Control environments, stepped with numpy only.
+
+This is the unit of work of one worker process of `fasttd3_lora.tasks.dmc.DMCEnv` (or of the parent itself when
+it runs in-process). It never imports torch, so a worker has no torch thread pool to pin.
+
+Every method takes a bytes-like payload and returns the same result buffer, laid out by `result_views`:
+``[observation float32 (n, obs_dim)] [reward float32 (n,)] [terminated bool (n,)] [truncated bool (n,)]``.
+Sending that one buffer over a pipe is the whole per-step message of a worker.
+
+Observations are flattened in the order of the task's own ``observation_spec()`` (the order dm_control's
+``flat_observation`` uses); ``observation_layout`` lists it as ``[(key, shape)]``. Episode length is counted in
+control steps (simulator steps of the dm_control ``Environment``), before action repeat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from dm_control import suite
+
+# Offsets of the result buffer are multiples of 4 bytes before the bool columns, so float32 views are aligned.
+_F32 = np.dtype(np.float32).itemsize
+
+
+def result_nbytes(num_envs: int, obs_dim: int) -> int:
+    """Size in bytes of the result buffer of a slice of `num_envs` envs."""
+    return num_envs * (obs_dim + 1) * _F32 + 2 * num_envs
+
+
+def result_views(
+    buf: Any, num_envs: int, obs_dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(observation (n, obs_dim) f32, reward (n,) f32, terminated (n,) bool, truncated (n,) bool) viewing `buf`."""
+    n_obs = num_envs * obs_dim
+    obs = np.frombuffer(buf, np.float32, n_obs, 0).reshape(num_envs, obs_dim)
+    reward = np.frombuffer(buf, np.float32, num_envs, n_obs * _F32)
+    flags_at = (n_obs + num_envs) * _F32
+    terminated = np.frombuffer(buf, np.bool_, num_envs, flags_at)
+    truncated = np.frombuffer(buf, np.bool_, num_envs, flags_at + num_envs)
+    return obs, reward, terminated, truncated
+
+
+class DMCSlice:
+    """Envs ``first_index .. first_index + num_envs - 1`` of a vector of ``domain-task`` envs.
+
+    Env ``i`` (global index) is seeded with ``seed + i``. ``max_episode_steps=None`` keeps the task's own time
+    limit; an int replaces it (the dm_control limit is switched off and this slice counts control steps).
+    """
+
+    def __init__(
+        self,
+        domain: str,
+        task: str,
+        seed: int,
+        first_index: int,
+        num_envs: int,
+        action_repeat: int,
+        max_episode_steps: int | None,
+    ) -> None:
+        task_kwargs: dict[str, Any] = {}
+        if max_episode_steps is not None:
+            task_kwargs["time_limit"] = float("inf")
+        self._first_index = first_index
+        self._envs = [
+            suite.load(domain, task, task_kwargs={**task_kwargs, "random": seed + first_index + j})
+            for j in range(num_envs)
+        ]
+        env = self._envs[0]
+        self._action_repeat = action_repeat
+        # dm_control ends an episode once its step count reaches `_step_limit` (time_limit / control_timestep,
+        # a float), i.e. after ceil(_step_limit) steps; it is inf for tasks without a time limit (LQR).
+        self.max_episode_steps: int | None = max_episode_steps
+        if max_episode_steps is None and math.isfinite(env._step_limit):
+            self.max_episode_steps = math.ceil(env._step_limit)
+        self._limit = math.inf if self.max_episode_steps is None else self.max_episode_steps
+        self.layout = [(key, tuple(spec.shape)) for key, spec in env.observation_spec().items()]
+        self._slots = []
+        offset = 0
+        for key, shape in self.layout:
+            size = math.prod(shape)
+            self._slots.append((key, slice(offset, offset + size)))
+            offset += size
+        self.obs_dim = offset
+        self._buf = bytearray(result_nbytes(num_envs, offset))
+        self._obs, self._reward, self._terminated, self._truncated = result_views(self._buf, num_envs, offset)
+        self._steps = np.zeros(num_envs, dtype=np.int64)
+
+    def info(self) -> dict[str, Any]:
+        """What the parent needs to build specs and attributes (sent once, pickled)."""
+        spec = self._envs[0].action_spec()
+        return {
+            "layout": self.layout,
+            "obs_dim": self.obs_dim,
+            "action_low": np.asarray(spec.minimum, dtype=np.float64),
+            "action_high": np.asarray(spec.maximum, dtype=np.float64),
+            "control_timestep": float(self._envs[0].control_timestep()),
+            "max_episode_steps": self.max_episode_steps,
+        }
+
+    def _write_obs(self, i: int, observation: dict[str, np.ndarray]) -> None:
+        row = self._obs[i]
+        for key, slot in self._slots:
+            row[slot] = np.ravel(observation[key])
+
+    def step(self, payload: Any) -> memoryview:
+        """Step every env with its action (float64, already in the task's bounds), repeating it."""
+        actions = np.frombuffer(payload, dtype=np.float64).reshape(len(self._envs), -1)
+        for i, env in enumerate(self._envs):
+            total = 0.0
+            for _ in range(self._action_repeat):
+                ts = env.step(actions[i])
+                total += ts.reward
+                self._steps[i] += 1
+                if ts.last() or self._steps[i] >= self._limit:
+                    break
+            # dm_control marks a true termination by a LAST step with discount 0; a time limit keeps discount 1.
+            terminated = ts.last() and ts.discount == 0.0
+            self._terminated[i] = terminated
+            self._truncated[i] = not terminated and (ts.last() or self._steps[i] >= self._limit)
+            self._reward[i] = total
+            self._write_obs(i, ts.observation)
+        return memoryview(self._buf)
+
+    def reset(self, payload: Any) -> memoryview:
+        """Reset the envs where the bool mask is True; the others keep their current observation."""
+        mask = np.frombuffer(payload, dtype=np.bool_)
+        for i in np.flatnonzero(mask):
+            ts = self._envs[i].reset()
+            self._steps[i] = 0
+            self._write_obs(i, ts.observation)
+        self._reward[mask] = 0.0
+        self._terminated[mask] = False
+        self._truncated[mask] = False
+        return memoryview(self._buf)
+
+    def seed(self, payload: Any) -> memoryview:
+        """Re-seed env i's task RNG with ``seed + i``; it takes effect at each env's next reset."""
+        (seed,) = np.frombuffer(payload, dtype=np.int64)
+        for j, env in enumerate(self._envs):
+            env.task.random.seed(int(seed) + self._first_index + j)
+        return memoryview(self._buf)
+
+
+def slice_bounds(num_envs: int, num_slices: int) -> Sequence[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges splitting `num_envs` into `num_slices` parts whose sizes differ by at most 1."""
+    base, extra = divmod(num_envs, num_slices)
+    bounds, lo = [], 0
+    for k in range(num_slices):
+        hi = lo + base + (k < extra)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
