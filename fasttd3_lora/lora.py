@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fasttd3_lora.hypersphere import Projected, SphericalLinear, check_ensemble, check_positive_int
+from fasttd3_lora.kernels import cached_lora_weight, lora_weight
 
 __all__ = [
     "ROOT_EPS",
@@ -123,7 +124,7 @@ def _rescale_rows(weight: Tensor, base_init_scale: float) -> Tensor:
 class LoRALinear(Projected):
     """Bias-free linear layer `W = W0 + (alpha/r) B A` with hyperspherical projection of `B` (DESIGN §3).
 
-    Switches for the paper's §7 ablations: `project=False` is LoRA-NoWN (`project_()` does nothing);
+    Switches for the paper's §7 ablations: `project=False` is LoRA-NoWN (`project_()` leaves B as it is);
     `use_base=False` is NoBase (`W = s B A`, i.e. W0 = 0, projected with the same root at g = 1);
     `base_rank=k` gives a rank-k frozen base. `base` is a buffer: never in an optimiser, never changed.
     """
@@ -175,6 +176,8 @@ class LoRALinear(Projected):
         self.register_buffer("base", base)
         self.lora_A = nn.Parameter(torch.empty(*lead, rank, in_features))
         self.lora_B = nn.Parameter(torch.empty(*lead, out_features, rank))
+        # (W_eff, key) from the last project_(); not state (never saved), only used while the key matches.
+        self._w_eff_cache: tuple[Tensor, tuple[int, ...]] | None = None
         self.reset_adapters_()
 
     @torch.no_grad()
@@ -227,18 +230,30 @@ class LoRALinear(Projected):
         # the same side either way.)
         rows = x.shape[-2] if self.ensemble is not None and x.dim() >= 2 else x[..., 0].numel()
         if rows > self.in_features * self.out_features / (self.in_features + self.out_features):
-            return x @ self.effective_weight().mT
+            return x @ self._dense_weight().mT
         low_rank = self.scale * ((x @ self.lora_A.mT) @ self.lora_B.mT)
         return x @ self.base.mT + low_rank if self.use_base else low_rank
 
+    def _cache_key(self) -> tuple[int, ...]:
+        """Changes whenever W0, A or B change in place (optimiser step, load_state_dict) or are replaced (.to())."""
+        return tuple(v for t in (self.base, self.lora_A, self.lora_B) for v in (t._version, t.data_ptr()))
+
+    def _dense_weight(self) -> Tensor:
+        """W_eff for the dense forward, differentiable in A and B: in eager mode the one cached by the last
+        `project_()` while A and B are unchanged since; otherwise (stale, or under torch.compile, which cannot
+        guard on `_version`) computed by the fused op."""
+        if not torch.compiler.is_compiling() and self._w_eff_cache is not None:
+            w_eff, key = self._w_eff_cache
+            if key == self._cache_key():
+                return cached_lora_weight(w_eff, self.lora_A, self.lora_B, self.scale)
+        return lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False)[0]
+
     @torch.no_grad()
     def project_(self) -> None:
-        """`B_i <- c_i B_i` (Eqs. 11-13); no-op for LoRA-NoWN. W0 is not touched."""
-        if not self.project:
-            return
-        with torch.autocast(self.base.device.type, enabled=False):  # the root needs fp32 (DESIGN §3)
-            delta = lora_delta(self.lora_A.float(), self.lora_B.float(), self.scale)
-        self.lora_B.mul_(projection_factors(self.base, delta).unsqueeze(-1).to(self.lora_B.dtype))
+        """`B_i <- c_i B_i` (Eqs. 11-13; skipped for LoRA-NoWN) and the cached W_eff refreshed, in one fused call
+        (`fasttd3_lora.kernels.lora_weight`; its reference keeps the root in fp32 under autocast). W0 untouched."""
+        w_eff, _ = lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=self.project)
+        self._w_eff_cache = (w_eff, self._cache_key())
 
     def extra_repr(self) -> str:
         return (

@@ -57,8 +57,11 @@ def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project
         lora_B.mul_(c.unsqueeze(-1))
         return w_eff.to(base.dtype), c
     # Without projection W0 + s B A is computed in the inputs' own dtype (the reference upcasts to fp32, which
-    # would round float64 inputs and spoil gradcheck); for fp32 it is the same arithmetic.
-    return base + lora_delta(lora_A, lora_B, scale), base.new_ones(base.shape[:-1], dtype=torch.float32)
+    # would round float64 inputs and spoil gradcheck); for fp32 it is the same arithmetic. Autocast is off,
+    # as in the reference and the kernel: a bf16 autocast region would otherwise round s B A to bf16.
+    with torch.autocast(base.device.type, enabled=False):
+        w_eff = base + lora_delta(lora_A, lora_B, scale)
+    return w_eff, base.new_ones(base.shape[:-1], dtype=torch.float32)
 
 
 @triton_op("fasttd3_lora::lora_weight_project_", mutates_args={"lora_B"})

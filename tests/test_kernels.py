@@ -17,6 +17,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fasttd3_lora.hypersphere import l2_normalize  # noqa: E402
 from fasttd3_lora.kernels import BACKENDS, cached_lora_weight, lora_weight, ops  # noqa: E402
+from fasttd3_lora.lora import LoRALinear  # noqa: E402
+from fasttd3_lora.networks import make_critic  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernel runs on CPU only under TRITON_INTERPRET=1"
@@ -123,6 +125,18 @@ def test_triton_matches_reference_on_any_shape(out_f, in_f, rank, lead, base_sq,
     assert_projection_contract(base, base_before, w, c, b_tri, b_before, row_tol=1e-5)
     # After projection, the cached-style W_eff is what the new B gives: W0 + s B_new A.
     torch.testing.assert_close(w, base + SCALE * (b_tri @ lora_A), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("project", [True, False])
+def test_weight_stays_fp32_inside_a_bf16_autocast_region(backend, project):
+    base, lora_A, lora_B = make_inputs(40, 30, 4)
+    b_ref = lora_B.clone()
+    w_ref, _ = lora_weight(base, lora_A, b_ref, SCALE, project=project, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, _ = lora_weight(base, lora_A, lora_B, SCALE, project=project, backend=backend)
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, w_ref, rtol=0, atol=1e-6)
 
 
 def test_projection_is_in_place_on_the_given_b():
@@ -253,3 +267,90 @@ def test_triton_rejects_float64():
     base, lora_A, lora_B = (t.double() for t in make_inputs(8, 6, 2))
     with pytest.raises(ValueError, match="backend='triton' supports dtypes"):
         lora_weight(base, lora_A, lora_B, SCALE, backend="triton")
+
+
+# ---- LoRALinear and the critic use the op (issue item 5) ----
+
+
+def lora_layer(in_f=24, out_f=40, ensemble=2, seed=0, **kw):
+    torch.manual_seed(seed)
+    return LoRALinear(in_f, out_f, rank=4, alpha=4.0, ensemble=ensemble, **kw)
+
+
+def dense_rows(layer):
+    """A batch size that takes the dense W_eff path (DESIGN §3 crossover)."""
+    return int(layer.in_features * layer.out_features / (layer.in_features + layer.out_features)) + 1
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_project_refreshes_b_and_the_cached_weight_in_one_call(project):
+    layer = lora_layer(project=project)
+    b_before = layer.lora_B.detach().clone()
+    layer.project_()
+    w_eff, _ = layer._w_eff_cache
+    torch.testing.assert_close(w_eff, layer.effective_weight().detach(), rtol=0, atol=1e-6)
+    if project:  # B was projected at init already, so a second projection is (numerically) the identity
+        torch.testing.assert_close(layer.lora_B.detach(), b_before, rtol=1e-6, atol=0)
+        assert_projection_contract(layer.base, layer.base.clone(), w_eff, torch.ones(2, 40), layer.lora_B, b_before, 1e-5)
+    else:  # LoRA-NoWN: the cache is refreshed, B untouched
+        assert torch.equal(layer.lora_B, b_before)
+
+
+def test_dense_forward_uses_a_fresh_cache_and_never_a_stale_one():
+    layer = lora_layer()
+    x = torch.randn(2, dense_rows(layer), 24, generator=torch.Generator().manual_seed(3))
+    probe = torch.randn(2, x.shape[1], 40, generator=torch.Generator().manual_seed(4))
+
+    def out_and_grads(fn):
+        layer.zero_grad()
+        y = fn(x)
+        (y * probe).sum().backward()
+        return y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    def explicit(inp):
+        return inp @ layer.effective_weight().mT
+
+    cached = layer._w_eff_cache[0]
+    for got, want in zip(out_and_grads(layer), out_and_grads(explicit)):  # fresh: served from the cache
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert layer._w_eff_cache[0] is cached
+    with torch.no_grad():  # an optimiser-like update without project_(): the cache is now stale
+        layer.lora_A.add_(0.1)
+    y_stale = x @ cached.mT
+    y, ga, gb = out_and_grads(layer)
+    y_ref, ga_ref, gb_ref = out_and_grads(explicit)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, ga_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gb, gb_ref, rtol=1e-5, atol=1e-6)
+    assert (y - y_stale).abs().max() > 1e-2
+
+
+def test_compiled_lora_critic_forward_backward_has_no_graph_break_and_matches_eager():
+    torch.manual_seed(0)
+    critic = make_critic(
+        "lora", obs_dim=5, act_dim=2, hidden_dim=16, num_blocks=1, num_atoms=11, v_min=-1.0, v_max=1.0,
+        num_critics=2, lora=dict(rank=4, alpha=4.0),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    # 32 rows > 16*64/(16+64): both block matrices take the dense W_eff path, i.e. the op is in the graph.
+    obs, act = torch.randn(32, 5, generator=g), torch.randn(32, 2, generator=g)
+    target = torch.softmax(torch.randn(2, 32, 11, generator=g), dim=-1)
+
+    def loss_and_grads(fn):
+        critic.zero_grad()
+        logits = fn(obs, act)
+        loss = -(target * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+        loss.backward()
+        return [logits.detach()] + [p.grad.clone() for p in critic.parameters()]
+
+    ops_seen = set()
+
+    def recording_inductor(gm, example_inputs):
+        ops_seen.update(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return torch._inductor.compile(gm, example_inputs)
+
+    eager = loss_and_grads(critic)
+    compiled = loss_and_grads(torch.compile(critic, fullgraph=True, backend=recording_inductor))
+    assert torch.ops.fasttd3_lora.lora_weight_dense.default in ops_seen
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
