@@ -1,0 +1,465 @@
+"""ONNX export of a trained actor for deployment (DESIGN §8; docs/deploy.md, "Deploy to a robot").
+
+``python -m fasttd3_lora.export <run dir or checkpoint> [out=DIR]`` writes
+
+* ``policy.onnx``: ``actor.deterministic_action(normalise(obs))`` with the observation normaliser folded in,
+  opset 18, one input ``obs`` (float32, [batch, obs_dim]), one output ``actions`` (float32,
+  [batch, act_dim], in [-1, 1]), dynamic batch;
+* ``deploy.yaml``: what a deploy stack needs (task, observation dim and layout, action dim, how ``actions``
+  map to the env's command -- ``offset + scale * clip(actions, low, high)`` -- joint names in the trained
+  order where the env names them, control period, training step, package version). Every top-level key is
+  also an ONNX ``metadata_props`` entry, its value JSON-encoded.
+
+After writing, the model is run in onnxruntime on observations drawn from the run's normaliser statistics and
+compared with the PyTorch policy; the export fails when they differ by more than ``tolerance`` (1e-4).
+
+What is read from a checkpoint (``fasttd3_lora.checkpoint`` format, loaded with ``weights_only=True``):
+``meta.config`` (``task.name``, ``task.family``, ``algo.name``, ``algo.actor_hidden_dim``,
+``algo.actor_num_blocks``, ``critic.kind``, ``seed``), ``meta.counters`` (``env_step``, ``agent_step``),
+``agent.actor`` (the actor's state dict: ``TanhGaussianActor`` for ``algo.name=sac``, ``DeterministicActor``
+for ``fasttd3``), ``agent.obs_rms`` (the observation normaliser's state dict; absent: raw observations) and,
+when the training app recorded it, ``meta.env`` (the output of `env_deploy_facts`). Without ``meta.env`` the
+env is built once from the run's config (``fasttd3_lora.train.ENV_BUILDERS``) and asked directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+
+import fasttd3_lora
+from fasttd3_lora.checkpoint import CHECKPOINT_DIR, LATEST, CheckpointError, load_checkpoint, run_dir_of
+from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor
+from fasttd3_lora.normalization import RunningMeanStd
+
+__all__ = [
+    "ACTOR_OF_ALGO",
+    "ACTOR_TYPES",
+    "DEPLOY_FORMAT",
+    "OPSET",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "METADATA_KEYS",
+    "ExportError",
+    "ExportResult",
+    "DeployPolicy",
+    "env_deploy_facts",
+    "policy_from_checkpoint",
+    "deploy_metadata",
+    "export_onnx",
+    "read_metadata",
+    "write_metadata",
+    "sample_observations",
+    "verify_onnx",
+    "export_checkpoint",
+    "main",
+]
+
+ACTOR_TYPES = (TanhGaussianActor, DeterministicActor)
+# algo.name -> the actor class its agent trains (FastTD3: issue 4; its agent saves the same keys).
+ACTOR_OF_ALGO: dict[str, type[nn.Module]] = {"sac": TanhGaussianActor, "fasttd3": DeterministicActor}
+DEPLOY_FORMAT = "fasttd3-lora-deploy/1"
+OPSET = 18
+INPUT_NAME = "obs"
+OUTPUT_NAME = "actions"
+POLICY_FILE = "policy.onnx"
+DEPLOY_FILE = "deploy.yaml"
+EXPORT_DIR = "export"
+# The top-level keys of deploy.yaml, each also an ONNX metadata_props entry (docs/deploy.md lists them).
+METADATA_KEYS = (
+    "format", "package_version", "task", "algo", "critic", "actor", "seed", "training", "model",
+    "observation", "action", "control_period_s", "verification",
+)  # fmt: skip
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported, or an export that failed its check; the message is one line."""
+
+
+class DeployPolicy(nn.Module):
+    """``actor.deterministic_action(normalise(obs))``: the graph that is exported (DESIGN §8).
+
+    SAC's ``TanhGaussianActor`` gives ``tanh(mean)``, TD3's ``DeterministicActor`` its ``tanh`` output, so
+    ``actions`` lie in [-1, 1] either way. ``obs_normalizer=None`` exports an actor trained on raw observations.
+    """
+
+    def __init__(self, actor: nn.Module, obs_normalizer: RunningMeanStd | None, obs_dim: int) -> None:
+        super().__init__()
+        if not isinstance(actor, ACTOR_TYPES):
+            names = ", ".join(t.__name__ for t in ACTOR_TYPES)
+            raise ExportError(f"actor must be one of {names}, got {type(actor).__name__}")
+        if obs_normalizer is not None and not isinstance(obs_normalizer, RunningMeanStd):
+            raise ExportError(f"obs_normalizer must be a RunningMeanStd or None, got {type(obs_normalizer).__name__}")
+        if obs_normalizer is not None and tuple(obs_normalizer.shape) != (obs_dim,):
+            raise ExportError(f"obs normaliser has shape {tuple(obs_normalizer.shape)}, the actor takes ({obs_dim},)")
+        self.actor = actor
+        self.obs_normalizer = obs_normalizer
+        self.obs_dim = obs_dim
+        # One dry run: checks that the actor takes obs_dim inputs and tells the action dimension.
+        try:
+            with torch.no_grad():
+                self.act_dim = int(self.forward(torch.zeros(1, obs_dim)).shape[-1])
+        except RuntimeError as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ExportError(f"the actor does not take {obs_dim}-dim observations: {first}") from e
+
+    def forward(self, obs: Tensor) -> Tensor:
+        if self.obs_normalizer is not None:
+            obs = self.obs_normalizer(obs)
+        return self.actor.deterministic_action(obs)
+
+
+def _set_metadata(model: Any, metadata: Mapping[str, Any]) -> None:
+    """Replace a ModelProto's metadata_props by ``metadata``, each value JSON-encoded (JSON is a subset of YAML,
+    so a value reads back the same from the model and from deploy.yaml)."""
+    import onnx
+
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=str(key), value=json.dumps(value, sort_keys=True)))
+
+
+def write_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
+    """Set the metadata_props of the ONNX model at ``path`` to ``metadata``."""
+    import onnx
+
+    model = onnx.load_model(str(path))
+    _set_metadata(model, metadata)
+    onnx.save_model(model, str(path))
+
+
+def export_onnx(policy: DeployPolicy, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``policy`` as an opset-18 ONNX model with a dynamic batch axis and ``metadata`` as metadata_props."""
+    import onnx
+
+    path = Path(path)
+    policy = policy.eval()
+    example = torch.zeros(2, policy.obs_dim)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            policy,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            verbose=False,
+        )
+    model = program.model_proto
+    _set_metadata(model, metadata or {})
+    model.producer_name = "fasttd3-lora"
+    model.producer_version = fasttd3_lora.__version__
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata_props of an exported model, JSON-decoded."""
+    import onnx
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    return {p.key: json.loads(p.value) for p in model.metadata_props}
+
+
+def sample_observations(
+    normalizer: RunningMeanStd | None, obs_dim: int, num: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """``num`` observations ~ N(mean, var) of the run's statistics (N(0, 1) without a normaliser)."""
+    z = torch.randn(num, obs_dim, generator=generator)
+    if normalizer is None:
+        return z
+    return normalizer.mean.float() + normalizer.var.float().clamp_min(0).sqrt() * z
+
+
+def verify_onnx(path: str | Path, policy: DeployPolicy, obs: Tensor, tolerance: float = 1e-4) -> float:
+    """Max |onnxruntime - PyTorch| over ``obs``; raises ``ExportError`` above ``tolerance``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    obs32 = obs.detach().to(torch.float32).cpu()
+    (onnx_actions,) = session.run([OUTPUT_NAME], {INPUT_NAME: obs32.numpy()})
+    with torch.no_grad():
+        torch_actions = policy.eval()(obs32).numpy()
+    if onnx_actions.shape != torch_actions.shape:
+        raise ExportError(f"onnxruntime returned shape {onnx_actions.shape}, PyTorch {torch_actions.shape}")
+    diff = float(np.max(np.abs(onnx_actions - torch_actions))) if obs32.shape[0] else 0.0
+    if not math.isfinite(diff) or diff > tolerance:
+        raise ExportError(f"{path}: onnxruntime and PyTorch differ by {diff:.3g} > tolerance {tolerance:g}")
+    return diff
+
+
+# ----------------------------------------------------------------------------------------- deploy facts
+
+
+def _floats(x: Any) -> list[float]:
+    return [float(v) for v in torch.as_tensor(x, dtype=torch.float64).reshape(-1)]
+
+
+def _maybe_call(value: Any) -> Any:
+    return value() if callable(value) else value
+
+
+def env_deploy_facts(env: Any) -> dict[str, Any]:
+    """What an env says about its interface, as plain containers (the ``observation``/``action`` parts of
+    deploy.yaml and ``control_period_s``).
+
+    Read where the env exposes them: ``observation_layout()`` (``[(key, shape)]`` in flattening order),
+    ``observation_spec["observation"]``, ``action_spec`` (its bounds are the clip range; the policy's
+    ``actions`` are mapped with ``action_offset + action_scale * clip(actions)``), ``action_scale`` /
+    ``action_offset`` (default 1 / 0), ``joint_names`` (attribute or method; one name per action dimension, in
+    the trained order), ``control_period`` (seconds per policy step). Missing facts are ``None``.
+    """
+    layout = None
+    if callable(getattr(env, "observation_layout", None)):
+        layout, start = [], 0
+        for name, shape in env.observation_layout():
+            size = math.prod(shape)
+            layout.append({"name": str(name), "shape": [int(d) for d in shape], "start": start, "size": size})
+            start += size
+    obs_dim = int(env.observation_spec["observation"].shape[-1])
+    if layout is not None and sum(e["size"] for e in layout) != obs_dim:
+        raise ExportError(f"observation_layout() covers {sum(e['size'] for e in layout)} values, observations have {obs_dim}")
+    spec = env.action_spec
+    act_dim = int(spec.shape[-1])
+    space = getattr(spec, "space", None)
+    low = _floats(space.low.reshape(-1, act_dim)[0]) if space is not None else [-1.0] * act_dim
+    high = _floats(space.high.reshape(-1, act_dim)[0]) if space is not None else [1.0] * act_dim
+    scale = getattr(env, "action_scale", None)
+    offset = getattr(env, "action_offset", None)
+    scale = [1.0] * act_dim if scale is None else _floats(torch.as_tensor(scale).expand(act_dim))
+    offset = [0.0] * act_dim if offset is None else _floats(torch.as_tensor(offset).expand(act_dim))
+    joints = _maybe_call(getattr(env, "joint_names", None))
+    if joints is not None:
+        joints = [str(j) for j in joints]
+        if len(joints) != act_dim:
+            raise ExportError(f"env names {len(joints)} joints for {act_dim} action dimensions")
+    period = _maybe_call(getattr(env, "control_period", None))
+    return {
+        "observation": {"dim": obs_dim, "layout": layout},
+        "action": {"dim": act_dim, "scale": scale, "offset": offset, "clip": {"low": low, "high": high},
+                   "joint_names": joints},  # fmt: skip
+        "control_period_s": None if period is None else float(period),
+    }
+
+
+def _facts_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Build the run's env once (one env, in-process) and ask it (`env_deploy_facts`)."""
+    from omegaconf import OmegaConf
+
+    from fasttd3_lora.train import ENV_BUILDERS  # the app's registry: task.family -> env builder
+
+    family = config["task"]["family"]
+    if family not in ENV_BUILDERS:
+        raise ExportError(f"task.family={family}: no env builder to read deploy facts from; allowed {sorted(ENV_BUILDERS)}")
+    env = ENV_BUILDERS[family](OmegaConf.create(dict(config)), 1)
+    try:
+        return env_deploy_facts(env)
+    finally:
+        env.close()
+
+
+# ------------------------------------------------------------------------------------------- checkpoint
+
+
+def _get(tree: Mapping[str, Any], dotted: str, source: Path) -> Any:
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            raise ExportError(f"{source}: checkpoint has no {dotted} (not a training checkpoint of this package?)")
+        node = node[key]
+    return node
+
+
+def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int, act_dim: int) -> DeployPolicy:
+    """The actor and observation normaliser of a loaded checkpoint as a `DeployPolicy` (weights loaded strictly).
+
+    ``obs_dim`` / ``act_dim`` are the env's (`env_deploy_facts`); the config gives the actor's width and depth."""
+    algo = _get(state, "meta.config.algo.name", source)
+    if algo not in ACTOR_OF_ALGO:
+        raise ExportError(f"{source}: algo.name={algo!r} has no exportable actor; allowed {sorted(ACTOR_OF_ALGO)}")
+    actor_state = _get(state, "agent.actor", source)
+    rms_state = state["agent"].get("obs_rms")
+    hidden = int(_get(state, "meta.config.algo.actor_hidden_dim", source))
+    blocks = int(_get(state, "meta.config.algo.actor_num_blocks", source))
+    actor_cls = ACTOR_OF_ALGO[algo]
+    try:
+        actor = actor_cls(obs_dim, act_dim, hidden, blocks)
+        actor.load_state_dict(actor_state)
+        normalizer = None
+        if rms_state is not None:
+            normalizer = RunningMeanStd(tuple(rms_state["mean"].shape))
+            normalizer.load_state_dict(rms_state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{source}: agent.actor / agent.obs_rms do not fit {actor_cls.__name__}(obs {obs_dim}, "
+                          f"act {act_dim}, hidden {hidden}, blocks {blocks}): {first[:200]}") from None  # fmt: skip
+    return DeployPolicy(actor.eval(), normalizer, obs_dim)
+
+
+def deploy_metadata(
+    config: Mapping[str, Any],
+    counters: Mapping[str, Any],
+    facts: Mapping[str, Any],
+    policy: DeployPolicy,
+    verification: Mapping[str, Any],
+) -> dict[str, Any]:
+    """deploy.yaml's content (also the ONNX metadata_props), in `METADATA_KEYS` order."""
+    observation = dict(facts["observation"])
+    observation["normalization"] = (
+        "none" if policy.obs_normalizer is None
+        else f"folded into the model (running mean/var of {int(policy.obs_normalizer.num_samples)} observations); "
+        "feed raw observations"
+    )  # fmt: skip
+    action = dict(facts["action"])
+    action["command"] = "offset + scale * clip(actions, clip.low, clip.high), per dimension"
+    meta = {
+        "format": DEPLOY_FORMAT,
+        "package_version": fasttd3_lora.__version__,
+        "task": str(config["task"]["name"]),
+        "algo": str(config["algo"]["name"]),
+        "critic": str(config.get("critic", {}).get("kind", "unknown")),
+        "actor": type(policy.actor).__name__,
+        "seed": int(config.get("seed", 0)),
+        "training": {"env_step": int(counters.get("env_step", 0)), "agent_step": int(counters.get("agent_step", 0))},
+        "model": {"file": POLICY_FILE, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                  "dtype": "float32", "input_shape": ["batch", policy.obs_dim],
+                  "output_shape": ["batch", policy.act_dim]},  # fmt: skip
+        "observation": observation,
+        "action": action,
+        "control_period_s": facts["control_period_s"],
+        "verification": dict(verification),
+    }
+    assert tuple(meta) == METADATA_KEYS
+    return meta
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    policy_path: Path
+    deploy_path: Path
+    max_abs_diff: float
+    metadata: dict[str, Any]
+
+
+def _resolve_source(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        latest = path / CHECKPOINT_DIR / LATEST
+        if not latest.is_file():
+            raise ExportError(f"{source}: a directory without {CHECKPOINT_DIR}/{LATEST} (not a run directory)")
+        return latest
+    if not path.is_file():
+        raise ExportError(f"{source}: no such run directory or checkpoint file")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """torch.onnx's exporter prints progress and warns about optional registrations; the CLI prints one summary."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_checkpoint(
+    source: str | Path,
+    out: str | Path | None = None,
+    *,
+    num_obs: int = 1000,
+    tolerance: float = 1e-4,
+    seed: int = 0,
+) -> ExportResult:
+    """Export a run directory (its ``checkpoints/latest.pt``) or a checkpoint file to ``out``.
+
+    ``out`` defaults to ``<run dir>/export`` (a loose checkpoint: its own directory). Writes policy.onnx and
+    deploy.yaml, then checks onnxruntime against PyTorch on ``num_obs`` observations drawn from the run's
+    normaliser statistics (``seed``); raises `ExportError` / `CheckpointError` (one line) on failure."""
+    if num_obs < 1:
+        raise ExportError(f"num_obs must be >= 1, got {num_obs}")
+    checkpoint = _resolve_source(source)
+    state = load_checkpoint(checkpoint)
+    config = _get(state, "meta.config", checkpoint)
+    counters = state["meta"].get("counters", {})
+    facts = state["meta"].get("env") or _facts_from_config(config)
+    policy = policy_from_checkpoint(state, checkpoint, facts["observation"]["dim"], facts["action"]["dim"])
+    if out is None:
+        run_dir = run_dir_of(checkpoint)
+        out = run_dir / EXPORT_DIR if run_dir is not None else checkpoint.parent
+    out = Path(out)
+    obs = sample_observations(policy.obs_normalizer, policy.obs_dim, num_obs, torch.Generator().manual_seed(seed))
+    policy_path = out / POLICY_FILE
+    # The check runs on the written file; its result is then added to the metadata of that same file.
+    with _quiet_exporter():
+        export_onnx(policy, policy_path)
+    diff = verify_onnx(policy_path, policy, obs, tolerance)
+    import onnxruntime
+
+    verification = {"runtime": f"onnxruntime {onnxruntime.__version__}", "num_obs": num_obs,
+                    "obs_source": "N(mean, var) of the run's observation statistics", "seed": seed,
+                    "max_abs_diff": diff, "tolerance": tolerance}  # fmt: skip
+    metadata = deploy_metadata(config, counters, facts, policy, verification)
+    write_metadata(policy_path, metadata)
+    deploy_path = out / DEPLOY_FILE
+    deploy_path.write_text(yaml.safe_dump(metadata, sort_keys=False, default_flow_style=None, width=120))
+    return ExportResult(policy_path, deploy_path, diff, metadata)
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+USAGE = "usage: python -m fasttd3_lora.export <run dir or checkpoint> [out=DIR]"
+EXIT_ERROR = 2
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"fasttd3-export: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m fasttd3_lora.export <run dir or checkpoint> [out=DIR]``; errors: one line, exit code 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return
+    positional = [a for a in args if "=" not in a]
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    if len(positional) != 1:
+        _fail(f"expected one run directory or checkpoint, got {len(positional)} ({USAGE})")
+    unknown = sorted(set(options) - {"out"})
+    if unknown:
+        _fail(f"unknown option {unknown[0]}=...; allowed: out=DIR")
+    try:
+        result = export_checkpoint(positional[0], options.get("out"))
+    except (ExportError, CheckpointError) as err:
+        _fail(str(err))
+    print(f"wrote {result.policy_path} and {result.deploy_path}")
+    print(f"onnxruntime vs PyTorch: max abs difference {result.max_abs_diff:.3g} over "
+          f"{result.metadata['verification']['num_obs']} observations (tolerance {result.metadata['verification']['tolerance']:g})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
