@@ -134,6 +134,7 @@ class DMCEnv(EnvBase):
         self._needs_reset = np.ones(num_envs, dtype=np.bool_)
 
         n, act_dim = num_envs, len(low)
+        self._action_shape = (n, act_dim)
         self.observation_spec = Composite(
             observation=Unbounded(shape=(n, self._obs_dim), dtype=torch.float32), shape=(n,)
         )
@@ -151,45 +152,45 @@ class DMCEnv(EnvBase):
         """Process ids of the workers (empty when stepping in-process)."""
         return self._pool.pids
 
-    def _gather(self, replies: list[Any]) -> tuple[torch.Tensor, ...]:
-        """Copy the workers' result buffers into fresh tensors (the buffers are reused on the next call)."""
+    def _gather(self, replies: list[Any]) -> tuple[np.ndarray, ...]:
+        """Copy the workers' result buffers into fresh arrays (the buffers are reused on the next call)."""
         n = self.num_envs
-        obs = torch.empty(n, self._obs_dim)
-        reward = torch.empty(n, 1)
-        terminated = torch.empty(n, 1, dtype=torch.bool)
-        truncated = torch.empty(n, 1, dtype=torch.bool)
-        columns = (obs.numpy(), reward.numpy()[:, 0], terminated.numpy()[:, 0], truncated.numpy()[:, 0])
+        obs = np.empty((n, self._obs_dim), dtype=np.float32)
+        reward = np.empty((n, 1), dtype=np.float32)
+        terminated = np.empty((n, 1), dtype=np.bool_)
+        truncated = np.empty((n, 1), dtype=np.bool_)
+        columns = (obs, reward[:, 0], terminated[:, 0], truncated[:, 0])
         for (lo, hi), buf in zip(self._bounds, replies, strict=True):
             for column, view in zip(columns, result_views(buf, hi - lo, self._obs_dim), strict=True):
                 column[lo:hi] = view
         return obs, reward, terminated, truncated
 
+    def _output(self, **arrays: np.ndarray) -> TensorDict:
+        # from_numpy shares the fresh arrays (no copy); numpy is cheaper than torch for these small ops.
+        return TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=self.batch_size,
+                          device=self.device)
+
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get("action").detach()
-        if action.shape != self.action_spec.shape:
-            raise ValueError(f"{self.task_name}: action must have shape {tuple(self.action_spec.shape)}, "
-                             f"got {tuple(action.shape)}")
-        if not bool((action.abs() <= 1.0).all()):
+        action = tensordict.get("action").detach().cpu().numpy()
+        if action.shape != self._action_shape:
+            raise ValueError(f"{self.task_name}: action must have shape {self._action_shape}, got {action.shape}")
+        if not (np.abs(action) <= 1.0).all():
             raise ValueError(
                 f"{self.task_name}: actions must lie in [-1, 1] (they are rescaled to the task's bounds here), "
-                f"got min {action.min().item():.6g}, max {action.max().item():.6g} "
-                f"({int(action.isnan().sum())} NaN)"
+                f"got min {action.min():.6g}, max {action.max():.6g} ({int(np.isnan(action).sum())} NaN)"
             )
         if self._needs_reset.any():
             raise RuntimeError(
                 f"{self.task_name}: envs {np.flatnonzero(self._needs_reset).tolist()} must be reset before "
                 "stepping (new env or episode over): use reset() or step_and_maybe_reset()"
             )
-        scaled = self._offset_np + self._scale_np * action.cpu().numpy()
+        scaled = self._offset_np + self._scale_np * action  # float64, what dm_control consumes
         obs, reward, terminated, truncated = self._gather(
             self._pool.call("step", [scaled[lo:hi] for lo, hi in self._bounds])
         )
         done = terminated | truncated
-        self._needs_reset = done[:, 0].numpy().copy()
-        return TensorDict(
-            {"observation": obs, "reward": reward, "done": done, "terminated": terminated, "truncated": truncated},
-            batch_size=self.batch_size,
-        )
+        self._needs_reset = done[:, 0].copy()
+        return self._output(observation=obs, reward=reward, done=done, terminated=terminated, truncated=truncated)
 
     def _reset(self, tensordict: TensorDictBase | None, **kwargs: Any) -> TensorDictBase:
         mask = None if tensordict is None else tensordict.get("_reset", None)
@@ -201,10 +202,7 @@ class DMCEnv(EnvBase):
             self._pool.call("reset", [mask_np[lo:hi] for lo, hi in self._bounds])
         )
         self._needs_reset &= ~mask_np
-        return TensorDict(
-            {"observation": obs, "done": terminated | truncated, "terminated": terminated, "truncated": truncated},
-            batch_size=self.batch_size,
-        )
+        return self._output(observation=obs, done=terminated | truncated, terminated=terminated, truncated=truncated)
 
     def _set_seed(self, seed: int | None) -> None:
         """Env i's task RNG restarts from ``seed + i``; it applies from each env's next reset."""
