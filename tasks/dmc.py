@@ -14,7 +14,8 @@
 
 Episodes end after `max_episode_steps` *control* steps (the task's time limit, or the given override), i.e.
 ``ceil(max_episode_steps / action_repeat)`` agent steps; `control_period` is the seconds of one agent step,
-``physics.timestep() * n_sub_steps * action_repeat``. Env i is seeded with ``seed + i`` whatever the number of
+``physics.timestep() * n_sub_steps * action_repeat``; `joint_names` names the actuator of each action dimension
+(DMC names actuators after the joint or tendon they drive). Env i is seeded with ``seed + i`` whatever the number of
 workers, so results do not depend on `num_workers`. Partial resets follow TorchRL: ``_reset`` masks in
 `reset`, and `step_and_maybe_reset` keeps the true final observation under ``("next", "observation")``.
 
@@ -131,6 +132,8 @@ class DMCEnv(EnvBase):
         self._offset_np = (high + low) / 2.0
         self.action_scale = torch.as_tensor(self._scale_np, dtype=torch.float32)
         self.action_offset = torch.as_tensor(self._offset_np, dtype=torch.float32)
+        # One name per action dimension, in action order (the export's "joint names in the trained order").
+        self.joint_names: list[str] = info["actuator_names"]
         self._needs_reset = np.ones(num_envs, dtype=np.bool_)
 
         n, act_dim = num_envs, len(low)

@@ -90,13 +90,17 @@ class DMCSlice:
 
     def info(self) -> dict[str, Any]:
         """What the parent needs to build specs and attributes (sent once, pickled)."""
-        spec = self._envs[0].action_spec()
+        env = self._envs[0]
+        spec = env.action_spec()
+        model = env.physics.model
         return {
+            # action i drives actuator i; DMC names each actuator after the joint (or tendon) it moves
+            "actuator_names": [model.id2name(i, "actuator") for i in range(model.nu)],
             "layout": self.layout,
             "obs_dim": self.obs_dim,
             "action_low": np.asarray(spec.minimum, dtype=np.float64),
             "action_high": np.asarray(spec.maximum, dtype=np.float64),
-            "control_timestep": float(self._envs[0].control_timestep()),
+            "control_timestep": float(env.control_timestep()),
             "max_episode_steps": self.max_episode_steps,
         }
 

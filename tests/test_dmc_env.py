@@ -149,6 +149,7 @@ def test_specs_shapes_dtypes_and_layout():
         assert torch.equal(env.action_spec.space.low, -torch.ones(3, CHEETAH_ACT))
         assert set(env.done_keys) == {"done", "terminated", "truncated"}
         assert env.max_episode_steps == 1000
+        assert env.joint_names == ["bthigh", "bshin", "bfoot", "fthigh", "fshin", "ffoot"]
         assert env.control_period == pytest.approx(0.01 * 2)
         td = env.reset()
         assert td["observation"].dtype == torch.float32 and td["observation"].shape == (3, CHEETAH_OBS)
