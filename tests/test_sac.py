@@ -346,11 +346,11 @@ def bandit_reward(obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
     return 1.0 - (action[:, 0] - 0.8 * obs[:, 0]).square()
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_sac_learns_a_contextual_bandit(kind: str) -> None:
+@pytest.mark.parametrize("kind, amp", [(k, False) for k in KINDS] + [("lora", True)])
+def test_sac_learns_a_contextual_bandit(kind: str, amp: bool) -> None:
     envs, obs_dim, act_dim = 16, 2, 1
     cfg = make_cfg(
-        kind, num_envs=envs, batch_size=64, lr_init=3e-3, lr_final=1e-3, critic_hidden_dim=16, actor_hidden_dim=16,
+        kind, amp_bf16=amp, num_envs=envs, batch_size=64, lr_init=3e-3, lr_final=1e-3, critic_hidden_dim=16, actor_hidden_dim=16,
         num_atoms=21, num_critics=1, **({"lora_rank": 8, "lora_alpha": 8.0} if kind == "lora" else {}),
     )  # fmt: skip
     torch.manual_seed(0)
