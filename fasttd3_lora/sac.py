@@ -26,7 +26,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from fasttd3_lora.distributional import (
     categorical_loss,
     categorical_projection,
-    make_atoms,
     select_min_target,
 )
 from fasttd3_lora.hypersphere import project_
