@@ -4,7 +4,8 @@ Two ops share one implementation, which runs the fused Triton kernel (`triton_lo
 reference of `fasttd3_lora.lora` (the CPU path and the tests' oracle):
 
 * `fasttd3_lora::lora_weight_project_(base, lora_A, lora_B!, scale, backend) -> (W_eff, c)` projects: it
-  scales the rows of `lora_B` by `c` in place (a declared mutation) and returns `W_eff = W0 + diag(c) s B A`.
+  scales the rows of `lora_B` by `c` in place (a declared mutation) and returns `W_eff = W0 + s B_new A`
+  (= `W0 + diag(c) s B A`, computed from the stored new B so that it equals the dense op's result bit for bit).
   It is a parameter update, run after an optimiser step, so it has no autograd formula of its own.
 * `fasttd3_lora::lora_weight_dense(base, lora_A, lora_B, scale, backend) -> W_eff = W0 + s B A` is the
   differentiable forward use of the weight (gradients to A and B only, `lora_weight_backward`).
@@ -37,31 +38,29 @@ def lora_weight_backward(grad_w: Tensor, lora_A: Tensor, lora_B: Tensor, scale: 
 
 
 def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project: bool, backend: str):
-    """Shared body of both ops: `(W_eff in base.dtype, c in fp32)`; scales `lora_B` in place iff `project`."""
+    """Shared body of both ops: `(W_eff in base.dtype, c in fp32)`; scales `lora_B` in place iff `project`.
+    W_eff is always `W0 + s B A` from the B as stored on return, by the same arithmetic with or without the
+    projection, so a W_eff cached after projecting equals a later recomputation exactly (bit-exact resume)."""
     # Imported here, not at the top: fasttd3_lora.lora imports this package for LoRALinear (an import cycle
     # otherwise). This body runs as the op's kernel, never under Dynamo, so the import is a dict lookup.
     from fasttd3_lora.lora import ROOT_EPS, hyperspherical_lora_weight, lora_delta
 
+    c = base.new_ones(base.shape[:-1], dtype=torch.float32)
     if backend == "triton":
         from fasttd3_lora.kernels import triton_lora  # lazy: importing triton costs ~1 s and is optional
 
         w_eff = torch.empty_like(base)
-        if project:
-            c = base.new_empty(base.shape[:-1], dtype=torch.float32)
-        else:
-            c = base.new_ones(base.shape[:-1], dtype=torch.float32)
         triton_lora.launch(base, lora_A, lora_B, w_eff, c, scale, ROOT_EPS, project)
         return w_eff, c
-    if project:
-        w_eff, c = hyperspherical_lora_weight(base, lora_A, lora_B, scale, project=True)
+    if project:  # the reference's own W_eff (from the unrounded c·ΔW) is not used: see the docstring
+        _, c = hyperspherical_lora_weight(base, lora_A, lora_B, scale, project=True)
         lora_B.mul_(c.unsqueeze(-1))
-        return w_eff.to(base.dtype), c
-    # Without projection W0 + s B A is computed in the inputs' own dtype (the reference upcasts to fp32, which
-    # would round float64 inputs and spoil gradcheck); for fp32 it is the same arithmetic. Autocast is off,
-    # as in the reference and the kernel: a bf16 autocast region would otherwise round s B A to bf16.
+    # W0 + s B A in the inputs' own dtype (the reference upcasts to fp32, which would round float64 inputs and
+    # spoil gradcheck; for fp32 it is the same arithmetic), with autocast off as in the reference and the
+    # kernel: a bf16 autocast region would otherwise round s B A to bf16.
     with torch.autocast(base.device.type, enabled=False):
         w_eff = base + lora_delta(lora_A, lora_B, scale)
-    return w_eff, base.new_ones(base.shape[:-1], dtype=torch.float32)
+    return w_eff, c
 
 
 @triton_op("fasttd3_lora::lora_weight_project_", mutates_args={"lora_B"})
@@ -161,7 +160,8 @@ def lora_weight(
     `base` (out, in) or (E, out, in), `lora_A` (..., r, in), `lora_B` (..., out, r), one dtype (float32 or
     bfloat16 for Triton; accumulation is float32), `scale = alpha / r`. With `project`, `c` (float32,
     `base.shape[:-1]`) is the positive root of Eq. 13 per row, `lora_B` is scaled by it **in place** and
-    `W_eff = W0 + diag(c) s B A` has unit rows; without it, `c` is all ones and nothing is mutated.
+    `W_eff = W0 + s B_new A = W0 + diag(c) s B A` has unit rows; without it, `c` is all ones and nothing is
+    mutated.
     `W_eff` has `base`'s dtype and back-propagates to `lora_A`, `lora_B` as `W0 + s B A` with the (new) B.
     `backend`: "auto" (Triton for CUDA tensors, torch elsewhere), "triton" (forced; CPU tensors need
     TRITON_INTERPRET=1) or "torch" (the reference).
