@@ -210,7 +210,7 @@ def verify_onnx(path: str | Path, policy: DeployPolicy, obs: Tensor, tolerance: 
 
 
 def _floats(x: Any) -> list[float]:
-    return [float(v) for v in torch.as_tensor(x, dtype=torch.float64).reshape(-1)]
+    return torch.as_tensor(x).detach().to("cpu", torch.float64).reshape(-1).tolist()
 
 
 def _maybe_call(value: Any) -> Any:
@@ -221,16 +221,18 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
     """What an env says about its interface, as plain containers (the ``observation``/``action`` parts of
     deploy.yaml and ``control_period_s``).
 
-    Read where the env exposes them: ``observation_layout()`` (``[(key, shape)]`` in flattening order),
+    Read where the env exposes them (`fasttd3_lora.tasks.dmc.DMCEnv` and `fasttd3_lora.tasks.isaaclab.IsaacLabEnv`
+    do): ``observation_layout()`` (``[(key, shape)]`` in flattening order, or None),
     ``observation_spec["observation"]``, ``action_spec`` (its bounds are the clip range; the policy's
     ``actions`` are mapped with ``action_offset + action_scale * clip(actions)``), ``action_scale`` /
     ``action_offset`` (default 1 / 0), ``joint_names`` (attribute or method; one name per action dimension, in
     the trained order), ``control_period`` (seconds per policy step). Missing facts are ``None``.
     """
+    terms = env.observation_layout() if callable(getattr(env, "observation_layout", None)) else None
     layout = None
-    if callable(getattr(env, "observation_layout", None)):
+    if terms is not None:
         layout, start = [], 0
-        for name, shape in env.observation_layout():
+        for name, shape in terms:
             size = math.prod(shape)
             layout.append({"name": str(name), "shape": [int(d) for d in shape], "start": start, "size": size})
             start += size
@@ -260,13 +262,14 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
     }
 
 
-def _facts_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def _facts_from_run(state: Mapping[str, Any], source: Path) -> dict[str, Any]:
     """Build the run's env once (one env, in-process) and ask it (`env_deploy_facts`)."""
     from omegaconf import OmegaConf
 
     from fasttd3_lora.train import ENV_BUILDERS  # the app's registry: task.family -> env builder
 
-    family = config["task"]["family"]
+    family = _get(state, "meta.config.task.family", source)
+    config = state["meta"]["config"]
     if family not in ENV_BUILDERS:
         raise ExportError(f"task.family={family}: no env builder to read deploy facts from; allowed {sorted(ENV_BUILDERS)}")
     env = ENV_BUILDERS[family](OmegaConf.create(dict(config)), 1)
@@ -288,18 +291,22 @@ def _get(tree: Mapping[str, Any], dotted: str, source: Path) -> Any:
     return node
 
 
+def _actor_class(state: Mapping[str, Any], source: Path) -> type[nn.Module]:
+    algo = _get(state, "meta.config.algo.name", source)
+    if algo not in ACTOR_OF_ALGO:
+        raise ExportError(f"{source}: algo.name={algo!r} has no exportable actor; allowed {sorted(ACTOR_OF_ALGO)}")
+    return ACTOR_OF_ALGO[algo]
+
+
 def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int, act_dim: int) -> DeployPolicy:
     """The actor and observation normaliser of a loaded checkpoint as a `DeployPolicy` (weights loaded strictly).
 
     ``obs_dim`` / ``act_dim`` are the env's (`env_deploy_facts`); the config gives the actor's width and depth."""
-    algo = _get(state, "meta.config.algo.name", source)
-    if algo not in ACTOR_OF_ALGO:
-        raise ExportError(f"{source}: algo.name={algo!r} has no exportable actor; allowed {sorted(ACTOR_OF_ALGO)}")
+    actor_cls = _actor_class(state, source)
     actor_state = _get(state, "agent.actor", source)
     rms_state = state["agent"].get("obs_rms")
     hidden = int(_get(state, "meta.config.algo.actor_hidden_dim", source))
     blocks = int(_get(state, "meta.config.algo.actor_num_blocks", source))
-    actor_cls = ACTOR_OF_ALGO[algo]
     try:
         actor = actor_cls(obs_dim, act_dim, hidden, blocks)
         actor.load_state_dict(actor_state)
@@ -403,8 +410,9 @@ def export_checkpoint(
     checkpoint = _resolve_source(source)
     state = load_checkpoint(checkpoint)
     config = _get(state, "meta.config", checkpoint)
+    _actor_class(state, checkpoint)  # an unexportable algorithm fails before any env is built
     counters = state["meta"].get("counters", {})
-    facts = state["meta"].get("env") or _facts_from_config(config)
+    facts = state["meta"].get("env") or _facts_from_run(state, checkpoint)
     policy = policy_from_checkpoint(state, checkpoint, facts["observation"]["dim"], facts["action"]["dim"])
     if out is None:
         run_dir = run_dir_of(checkpoint)
