@@ -13,6 +13,7 @@ import importlib.resources
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,16 @@ def test_shim_override_runs_the_given_interpreter(tmp_path):
     exe = _stub(tmp_path / "bin", "mypython")
     out = _run_shim(["x"], FASTTD3_PYTHON=str(exe), ISAACLAB_PATH=str(tmp_path / "nothing"))
     assert out.stdout.splitlines() == ["mypython", "x"]
+
+
+def test_compose_run_train_hands_overrides_to_the_hydra_app(compose):
+    # What `docker compose run --rm train task=dmc/walker-walk seed=5` executes: entrypoint + the overrides,
+    # here with this interpreter behind the shim. Hydra's `--cfg job` prints the composed config and exits.
+    train = compose["services"]["train"]
+    argv = [*train["entrypoint"], *train["command"], "task=dmc/walker-walk", "seed=5", "--cfg", "job"]
+    assert argv[0] == "fasttd3-python"
+    out = subprocess.run([str(SHIM), *argv[1:]], env={**os.environ, "FASTTD3_PYTHON": sys.executable},
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["task"]["name"] == "dmc/walker-walk" and cfg["seed"] == 5
