@@ -239,3 +239,30 @@ def test_compose_run_train_hands_overrides_to_the_hydra_app(compose):
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = yaml.safe_load(out.stdout)
     assert cfg["task"]["name"] == "dmc/walker-walk" and cfg["seed"] == 5
+
+
+def _constraints_step(commands) -> str:
+    (step,) = [c.value[0] for c in _stages(commands)["isaaclab"] if c.cmd.upper() == "RUN" and "--format=freeze" in c.value[0]]
+    return step
+
+
+@pytest.mark.parametrize("has_torch", [True, False])
+def test_constraints_step_pins_the_images_torch_and_numpy_only(tmp_path, commands, has_torch):
+    # The build step run for real against a stub interpreter whose `pip list` is an Isaac Lab image's.
+    freeze = ["numpy==1.26.4", "torchrl==0.6.0", "torchvision==0.22.0+cu128", "triton==3.3.0", "tensordict==0.6.2"]
+    if has_torch:
+        freeze.append("torch==2.7.0+cu128")
+    stub = tmp_path / "bin" / "fasttd3-python"
+    stub.parent.mkdir()
+    stub.write_text("#!/usr/bin/env bash\nprintf '%s\\n' " + " ".join(freeze) + "\n")
+    stub.chmod(0o755)
+    target = tmp_path / "constraints.txt"
+    script = _constraints_step(commands).replace("/etc/fasttd3-constraints.txt", str(target))
+    env = {"PATH": f"{stub.parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-o", "pipefail", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    pinned = sorted(target.read_text().split())
+    assert pinned == sorted(p for p in freeze if p.split("==")[0] in {"torch", "torchvision", "numpy", "triton"})
+    if has_torch:
+        assert out.returncode == 0, out.stderr
+    else:
+        assert out.returncode == 1 and "no torch in the base image's Python" in out.stderr
