@@ -8,9 +8,10 @@ The LoRA critic puts `LoRALinear` only on the block matrices W1, W2 (DESIGN §3)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ __all__ = [
     "polyak_update_",
     "lora_parameters",
     "non_lora_parameters",
+    "optimizer_groups",
     "convert_blocks_to_lora_",
+    "CriticSettings",
 ]
 
 CRITIC_KINDS = ("simbav2", "sparse", "lora")
@@ -56,6 +59,16 @@ def non_lora_parameters(net: nn.Module) -> list[nn.Parameter]:
     """Every parameter of `net` that is not a LoRA adapter (the frozen base is a buffer, never a parameter)."""
     adapters = {id(p) for p in lora_parameters(net)}
     return [p for p in net.parameters() if id(p) not in adapters]
+
+
+def optimizer_groups(net: nn.Module, lora_weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups (DESIGN §3): everything but the LoRA adapters without weight decay, then, if `net`
+    has adapters, A and B with `lora_weight_decay`. Both groups take the optimiser's learning rate."""
+    groups: list[dict[str, Any]] = [{"params": non_lora_parameters(net), "weight_decay": 0.0}]
+    adapters = lora_parameters(net)
+    if adapters:
+        groups.append({"params": adapters, "weight_decay": lora_weight_decay})
+    return groups
 
 
 class CategoricalCritic(nn.Module):
@@ -268,3 +281,111 @@ def convert_blocks_to_lora_(
             lambda layer: LoRALinear.from_dense(layer, rank, alpha, base_init_scale, project=project),
         )
     return count
+
+
+def _optional(group: Any, key: str, cast: Callable[[Any], Any]) -> Any:
+    """`cast(group[key])`, or None when the key is absent or null (the dense critic group has no LoRA keys)."""
+    value = group.get(key, None) if hasattr(group, "get") else getattr(group, key, None)
+    return None if value is None else cast(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class CriticSettings:
+    """Which critic an agent builds: the `critic/` and `scale/` Hydra groups, shared by the agents' configs.
+
+    Field names are the Hydra keys: `critic.kind` as `critic_kind`; `critic.rank`, `alpha`, `base_init_scale`,
+    `project`, `use_base`, `base_rank` as `lora_*`; `critic.warmup_fraction`; `scale.*` verbatim. The lora_*
+    fields and warmup_fraction are None for the dense and sparse critics. Subclasses (SACConfig, FastTD3Config)
+    add their algorithm's fields and call `super().__post_init__()`.
+    """
+
+    critic_kind: str
+    lora_rank: int | None
+    lora_alpha: float | None
+    lora_base_init_scale: float | None
+    lora_project: bool | None
+    lora_use_base: bool | None
+    lora_base_rank: int | None
+    warmup_fraction: float | None
+    critic_hidden_dim: int
+    critic_num_blocks: int
+    sparsity: float
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for field in ("critic_hidden_dim", "critic_num_blocks"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+        if self.critic_kind not in CRITIC_KINDS:
+            raise ValueError(f"{name}.critic_kind must be one of {CRITIC_KINDS}, got {self.critic_kind!r}")
+        lora_fields = ("lora_rank", "lora_alpha", "lora_base_init_scale", "lora_project", "lora_use_base",
+                       "warmup_fraction")  # fmt: skip
+        if self.critic_kind == "lora":
+            unset = [field for field in lora_fields if getattr(self, field) is None]
+            if unset:
+                raise ValueError(f"{name}: critic_kind 'lora' needs {unset} set, got None")
+            if not 0.0 <= self.warmup_fraction < 1.0:
+                raise ValueError(f"{name}.warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
+            if self.warmup_fraction > 0 and (not self.lora_use_base or self.lora_base_rank is not None):
+                raise ValueError(
+                    f"{name}: dense warm-up (warmup_fraction={self.warmup_fraction!r}) freezes the warmed-up "
+                    f"weights as a full-rank W0, so it needs lora_use_base=True and lora_base_rank=None, got "
+                    f"{self.lora_use_base!r} and {self.lora_base_rank!r}"
+                )
+        else:
+            set_ = [field for field in lora_fields + ("lora_base_rank",) if getattr(self, field) is not None]
+            if self.warmup_fraction == 0.0:  # "no warm-up" is a fine thing to say of any critic
+                set_.remove("warmup_fraction")
+            if set_:
+                raise ValueError(f"{name}: {set_} only apply to critic_kind 'lora', got {self.critic_kind!r}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"{name}.sparsity must be in [0, 1), got {self.sparsity!r}")
+
+    @staticmethod
+    def hydra_fields(cfg: Any) -> dict[str, Any]:
+        """The CriticSettings fields from a composed config's `critic` and `scale` groups."""
+        critic, scale = cfg.critic, cfg.scale
+        return dict(
+            critic_kind=str(critic.kind),
+            lora_rank=_optional(critic, "rank", int),
+            lora_alpha=_optional(critic, "alpha", float),
+            lora_base_init_scale=_optional(critic, "base_init_scale", float),
+            lora_project=_optional(critic, "project", bool),
+            lora_use_base=_optional(critic, "use_base", bool),
+            lora_base_rank=_optional(critic, "base_rank", int),
+            warmup_fraction=_optional(critic, "warmup_fraction", float),
+            critic_hidden_dim=int(scale.critic_hidden_dim),
+            critic_num_blocks=int(scale.critic_num_blocks),
+            sparsity=float(scale.sparsity),
+        )
+
+    def lora_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `LoRALinear` (`make_critic(..., lora=...)`)."""
+        return dict(
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            base_init_scale=self.lora_base_init_scale,
+            project=self.lora_project,
+            use_base=self.lora_use_base,
+            base_rank=self.lora_base_rank,
+        )
+
+    def make_critic(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        num_atoms: int,
+        v_min: float,
+        v_max: float,
+        num_critics: int,
+        kind: str | None = None,
+    ) -> CategoricalCritic:
+        """`make_critic` with these settings; `kind` overrides `critic_kind` (a dense critic during warm-up)."""
+        kind = self.critic_kind if kind is None else kind
+        return make_critic(
+            kind, obs_dim, act_dim, self.critic_hidden_dim, self.critic_num_blocks, num_atoms, v_min, v_max,
+            num_critics,
+            lora=self.lora_kwargs() if kind == "lora" else None,
+            sparsity=self.sparsity if kind == "sparse" else None,
+        )  # fmt: skip
