@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -142,8 +143,9 @@ def write_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
     onnx.save_model(model, str(path))
 
 
-def export_onnx(policy: DeployPolicy, path: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Write ``policy`` as an opset-18 ONNX model with a dynamic batch axis and ``metadata`` as metadata_props."""
+def export_onnx(policy: DeployPolicy, path: str | Path) -> Path:
+    """Write ``policy`` as an opset-18 ONNX model (input ``obs``, output ``actions``, dynamic batch axis);
+    `write_metadata` adds the deploy facts once the model has passed its check."""
     import onnx
 
     path = Path(path)
@@ -162,7 +164,6 @@ def export_onnx(policy: DeployPolicy, path: str | Path, metadata: Mapping[str, A
             verbose=False,
         )
     model = program.model_proto
-    _set_metadata(model, metadata or {})
     model.producer_name = "fasttd3-lora"
     model.producer_version = fasttd3_lora.__version__
     onnx.checker.check_model(model)
@@ -200,7 +201,7 @@ def verify_onnx(path: str | Path, policy: DeployPolicy, obs: Tensor, tolerance: 
         torch_actions = policy.eval()(obs32).numpy()
     if onnx_actions.shape != torch_actions.shape:
         raise ExportError(f"onnxruntime returned shape {onnx_actions.shape}, PyTorch {torch_actions.shape}")
-    diff = float(np.max(np.abs(onnx_actions - torch_actions))) if obs32.shape[0] else 0.0
+    diff = float(np.max(np.abs(onnx_actions - torch_actions)))
     if not math.isfinite(diff) or diff > tolerance:
         raise ExportError(f"{path}: onnxruntime and PyTorch differ by {diff:.3g} > tolerance {tolerance:g}")
     return diff
@@ -402,9 +403,10 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export a run directory (its ``checkpoints/latest.pt``) or a checkpoint file to ``out``.
 
-    ``out`` defaults to ``<run dir>/export`` (a loose checkpoint: its own directory). Writes policy.onnx and
-    deploy.yaml, then checks onnxruntime against PyTorch on ``num_obs`` observations drawn from the run's
-    normaliser statistics (``seed``); raises `ExportError` / `CheckpointError` (one line) on failure."""
+    ``out`` defaults to ``<run dir>/export`` (a loose checkpoint: its own directory). The exported model is
+    checked in onnxruntime against PyTorch on ``num_obs`` observations drawn from the run's normaliser statistics
+    (``seed``) before policy.onnx and deploy.yaml are written; raises `ExportError` / `CheckpointError` (one
+    line) on failure, leaving no policy.onnx behind."""
     if num_obs < 1:
         raise ExportError(f"num_obs must be >= 1, got {num_obs}")
     checkpoint = _resolve_source(source)
@@ -419,19 +421,23 @@ def export_checkpoint(
         out = run_dir / EXPORT_DIR if run_dir is not None else checkpoint.parent
     out = Path(out)
     obs = sample_observations(policy.obs_normalizer, policy.obs_dim, num_obs, torch.Generator().manual_seed(seed))
-    policy_path = out / POLICY_FILE
-    # The check runs on the written file; its result is then added to the metadata of that same file.
-    with _quiet_exporter():
-        export_onnx(policy, policy_path)
-    diff = verify_onnx(policy_path, policy, obs, tolerance)
-    import onnxruntime
+    policy_path, deploy_path = out / POLICY_FILE, out / DEPLOY_FILE
+    # Written under a temporary name and checked there: a model that fails its check never lands as policy.onnx.
+    candidate = out / f".{POLICY_FILE}.tmp"
+    try:
+        with _quiet_exporter():
+            export_onnx(policy, candidate)
+        diff = verify_onnx(candidate, policy, obs, tolerance)
+        import onnxruntime
 
-    verification = {"runtime": f"onnxruntime {onnxruntime.__version__}", "num_obs": num_obs,
-                    "obs_source": "N(mean, var) of the run's observation statistics", "seed": seed,
-                    "max_abs_diff": diff, "tolerance": tolerance}  # fmt: skip
-    metadata = deploy_metadata(config, counters, facts, policy, verification)
-    write_metadata(policy_path, metadata)
-    deploy_path = out / DEPLOY_FILE
+        verification = {"runtime": f"onnxruntime {onnxruntime.__version__}", "num_obs": num_obs,
+                        "obs_source": "N(mean, var) of the run's observation statistics", "seed": seed,
+                        "max_abs_diff": diff, "tolerance": tolerance}  # fmt: skip
+        metadata = deploy_metadata(config, counters, facts, policy, verification)
+        write_metadata(candidate, metadata)
+        os.replace(candidate, policy_path)
+    finally:
+        candidate.unlink(missing_ok=True)
     deploy_path.write_text(yaml.safe_dump(metadata, sort_keys=False, default_flow_style=None, width=120))
     return ExportResult(policy_path, deploy_path, diff, metadata)
 

@@ -337,3 +337,11 @@ def test_cli_writes_to_out_and_prints_the_difference(tmp_path, capsys):
     diff = float(re.search(r"max abs difference (\S+) over 1000 observations", out).group(1))
     assert 0 <= diff <= 1e-4
     assert yaml.safe_load((tmp_path / "deploy" / "deploy.yaml").read_text())["action"]["joint_names"] is None
+
+
+def test_a_model_that_fails_its_check_is_not_left_behind(tmp_path):
+    _fasttd3_checkpoint(tmp_path / "ok.pt", joints=None)
+    # float32 onnxruntime and PyTorch never agree to 1e-12 on 1000 observations: the check fails.
+    with pytest.raises(ExportError, match="> tolerance 1e-12"):
+        export_checkpoint(tmp_path / "ok.pt", tmp_path / "out", tolerance=1e-12)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
