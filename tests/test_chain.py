@@ -21,6 +21,7 @@ from fasttd3_lora.experiments.chain import (
     main,
     make_critics,
     make_setup,
+    polyak_,
     stacked_q,
     train_regime,
     true_q,
@@ -169,6 +170,15 @@ def test_static_regime_learns_and_metrics_start_equal_across_models():
     assert float(true_q_error(q0[0], setup.q_true, setup.policy, setup.state_weights)) == pytest.approx(
         float(metrics[0, 0, 0]), rel=1e-6)
     assert (metrics[-1, :2, 0] < metrics[0, :2, 0]).all()  # dense regression on the exact Q^π makes progress
+
+
+def test_polyak_update_is_an_ema_outside_autograd():
+    online = [torch.randn(3, 4, requires_grad=True), torch.randn(2, requires_grad=True)]
+    target = [torch.zeros(3, 4), torch.ones(2)]
+    polyak_(target, online, 0.25)
+    torch.testing.assert_close(target[0], 0.25 * online[0].detach())
+    torch.testing.assert_close(target[1], 0.75 + 0.25 * online[1].detach())
+    assert all(t.grad_fn is None and not t.requires_grad for t in target)
 
 
 def test_config_rejects_bad_values():

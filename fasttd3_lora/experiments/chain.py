@@ -302,6 +302,12 @@ def stacked_q(critics: Sequence[ChainCritic], features: Tensor) -> Tensor:
     return torch.cat([c(features) for c in critics])
 
 
+def polyak_(target: list[Tensor], online: list[Tensor], tau: float) -> None:
+    """``θ' ← τ θ + (1 - τ) θ'`` in place, outside autograd (else every update would join an ever-growing graph)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(target, online, tau)
+
+
 def train_regime(regime: str, cfg: ChainConfig, setup: ChainSetup) -> Tensor:
     """Train every (model, seed) of one regime at once. Returns metrics (evals, models * seeds, 2):
     [..., 0] true-Q error, [..., 1] Bellman residual, at steps 0, eval_every, ..., steps."""
@@ -346,7 +352,7 @@ def train_regime(regime: str, cfg: ChainConfig, setup: ChainSetup) -> Tensor:
         loss.backward()
         opt.step()
         if target_params:
-            torch._foreach_lerp_(target_params, params, cfg.tau)  # Polyak θ' ← τ θ + (1 - τ) θ', one kernel
+            polyak_(target_params, params, cfg.tau)
     return torch.stack(records)
 
 
