@@ -22,9 +22,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fasttd3_lora.networks import CRITIC_KINDS
+
 __all__ = [
     "CONFIG_MODULE",
-    "CRITIC_KINDS",
+    "ALGORITHMS",
+    "TASK_FAMILIES",
     "RESUME_MAY_CHANGE",
     "ConfigError",
     "config_dir",
@@ -33,13 +36,17 @@ __all__ = [
     "compose_config",
     "validate_config",
     "merge_overrides",
+    "override_value",
+    "drop_override",
     "check_resume_compatible",
     "path_safe",
 ]
 
 CONFIG_MODULE = "fasttd3_lora.configs"
 CONFIG_NAME = "config"
-CRITIC_KINDS = ("simbav2", "sparse", "lora")
+# The names the config accepts for algo.name and task.family; train.py maps each to its builder (and checks at
+# import that the two agree). FastTD3 and Isaac Lab join both when they land.
+ALGORITHMS = ("sac",)
 TASK_FAMILIES = ("dmc",)
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -71,9 +78,11 @@ def config_dir() -> Path:
 
 
 def group_options(group: str) -> list[str]:
-    """Every option of a config group, nested ones as `dmc/walker-walk`, sorted."""
+    """Every option of a config group, nested ones as `dmc/walker-walk`, sorted. Files named `_*.yaml` are
+    shared pieces that options include (`task/_isaaclab.yaml`), not options."""
     root = config_dir() / group
-    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+    paths = (p.relative_to(root) for p in root.rglob("*.yaml"))
+    return sorted(p.with_suffix("").as_posix() for p in paths if not p.name.startswith("_"))
 
 
 def _is_group(key: str) -> bool:
@@ -162,15 +171,16 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def compose_config(overrides: Sequence[str] = (), *, check: bool = True) -> DictConfig:
-    """The app's config for these overrides, as Hydra composes it (without the `hydra` node), validated.
+def compose_config(overrides: Sequence[str] = (), *, check: bool = True, with_hydra: bool = False) -> DictConfig:
+    """The app's config for these overrides, as Hydra composes it, validated.
 
-    `check=False` skips `check_overrides` and `validate_config` (used internally to list the keys)."""
+    `with_hydra=True` keeps the `hydra` node (the run directory template); `check=False` skips
+    `check_overrides` and `validate_config` (used internally to list the keys)."""
     if check:
         check_overrides(overrides)
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(f"invalid overrides {' '.join(overrides)}: {_first_line(exc)}") from None
     if check:
@@ -228,11 +238,9 @@ def _bool(cfg: DictConfig, key: str) -> bool:
     return value
 
 
-def validate_config(cfg: DictConfig, algorithms: Iterable[str] = ("sac",)) -> None:
-    """Raise `ConfigError` (one line: key, value, what is allowed) on the first invalid value.
-
-    `algorithms` names the agents the app can build (train.py passes its registry)."""
-    _choice(cfg, "algo.name", algorithms)
+def validate_config(cfg: DictConfig) -> None:
+    """Raise `ConfigError` (one line: key, value, what is allowed) on the first invalid value."""
+    _choice(cfg, "algo.name", ALGORITHMS)
     _int(cfg, "seed", 0, 2**32 - 1)  # numpy's seeding range
     device = _get(cfg, "device")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
@@ -247,11 +255,10 @@ def validate_config(cfg: DictConfig, algorithms: Iterable[str] = ("sac",)) -> No
     _choice(cfg, "logger", LOGGERS)
     _choice(cfg, "wandb.mode", WANDB_MODES)
 
-    family = _choice(cfg, "task.family", TASK_FAMILIES)
-    name = _get(cfg, "task.name")
-    options = group_options("task")
-    if name not in options or not str(name).startswith(f"{family}/"):
-        raise _unknown("task.name", str(name), [o for o in options if o.startswith(f"{family}/")], "configs/task/")
+    _choice(cfg, "task.family", TASK_FAMILIES)
+    name, options = _get(cfg, "task.name"), group_options("task")
+    if name not in options:
+        raise _unknown("task.name", str(name), options, "configs/task/")
     _int(cfg, "task.max_episode_steps", 1)
 
     for key in ("num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
@@ -306,6 +313,17 @@ def merge_overrides(first: Sequence[str], then: Sequence[str]) -> list[str]:
         merged.pop((override.key_or_group, override.package), None)  # re-insert: the later one goes last
         merged[(override.key_or_group, override.package)] = override.input_line
     return list(merged.values())
+
+
+def override_value(overrides: Sequence[str], key: str) -> Any:
+    """The value the last override of `key` sets, or None."""
+    values = [o.value() for o in _parse(overrides) if o.key_or_group == key and not o.is_delete()]
+    return values[-1] if values else None
+
+
+def drop_override(overrides: Sequence[str], key: str) -> list[str]:
+    """`overrides` without those of `key` (a checkpoint stores its run's overrides without `resume`)."""
+    return [o.input_line for o in _parse(overrides) if o.key_or_group != key]
 
 
 def check_resume_compatible(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> None:

@@ -147,7 +147,7 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, *, stream: IO[str] | None = None, interval_s: float = 30.0) -> None:
         self.total, self.stream, self.interval_s = total, stream or sys.stdout, interval_s
         self.env_step, self.sps, self.eval_return = initial, math.nan, None
-        self._last_line = time.monotonic()
+        self._last_line, self._line_step = time.monotonic(), None
         is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.bar = (
             tqdm(total=total, initial=initial, file=self.stream, unit="step", unit_scale=True, dynamic_ncols=True)
@@ -176,7 +176,7 @@ class Progress:
         return postfix
 
     def _line(self, env_step: int) -> None:
-        self._last_line = time.monotonic()
+        self._last_line, self._line_step = time.monotonic(), env_step
         eta = (self.total - env_step) / self.sps if self.sps > 0 else math.nan
         text = (
             f"env_step {env_step}/{self.total} ({100.0 * env_step / self.total:.1f}%) | {self.sps:.0f} SPS"
@@ -196,5 +196,5 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self._line_step != self.env_step:
             self._line(self.env_step)

@@ -1,0 +1,467 @@
+"""The training app: `python -m fasttd3_lora.train [key=value ...]` (or `fasttd3-train`); docs/training.md.
+
+`main` checks the command line first (group choices, key names, values, the checkpoint to resume) and stops with
+one line and exit code 2 before any work starts. It then hands the overrides to Hydra, whose job runs `train`:
+
+    every agent step          act (uniformly random before learning_starts), step the envs, store the transition,
+                              then updates_per_step agent updates; a non-finite loss or Q stops the run (exit 3)
+    every eval_every steps    eval_episodes deterministic episodes on separate envs
+    every checkpoint_every    checkpoints/latest.pt, then every training episode restarts (see below)
+
+Exact resume. The envs' simulator state is not saved: instead every checkpoint ends all training episodes (the
+last transition is stored as a time-out, which bootstraps) and the next ones start from `reset` with seeds
+derived from (seed, env_step). An uninterrupted run does the same at the same steps, so a run resumed from a
+checkpoint continues bit-identically (on the same device and thread count). With the defaults the checkpoint
+interval is a multiple of DMC's 1000-step episodes, so no episode is actually cut short.
+
+Steps are simulator steps (`env_step`, DESIGN §5) unless named agent steps: one agent step is num_envs x
+action_repeat env steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+import hydra
+import numpy as np
+import torch
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tensordict import TensorDict
+from torch import Tensor
+
+from fasttd3_lora.checkpoint import (
+    CHECKPOINT_DIR,
+    LATEST,
+    CheckpointError,
+    atomic_write,
+    capture_rng,
+    copy_checkpoint,
+    find_nonfinite,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    run_dir_of,
+    save_checkpoint,
+)
+from fasttd3_lora.config import (
+    ALGORITHMS,
+    TASK_FAMILIES,
+    ConfigError,
+    check_overrides,
+    check_resume_compatible,
+    compose_config,
+    drop_override,
+    merge_overrides,
+    override_value,
+    validate_config,
+)
+from fasttd3_lora.replay import ReplayBuffer
+from fasttd3_lora.run_logging import Progress, RunLogger
+from fasttd3_lora.sac import SAC, SACConfig
+
+if TYPE_CHECKING:
+    from torchrl.envs import EnvBase
+
+    from fasttd3_lora.tasks.dmc import DMCEnv
+
+__all__ = ["EXIT_CONFIG", "EXIT_NONFINITE", "NonFiniteError", "Counters", "episode_seed", "evaluate", "train", "main"]
+
+EXIT_CONFIG = 2  # bad command line, config value or checkpoint
+EXIT_NONFINITE = 3  # the guard stopped a run
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, a Q value or a parameter became NaN or infinite; the message names it and the step."""
+
+
+class Agent(Protocol):
+    """What the loop needs of an agent (`fasttd3_lora.sac.SAC`; FastTD3 later)."""
+
+    num_updates: int
+
+    def act(self, obs: Tensor, deterministic: bool = False) -> Tensor: ...
+    def record(self, obs: Tensor, reward: Tensor, done: Tensor) -> None: ...
+    def update(self, batch: TensorDict) -> dict[str, Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def build_sac(
+    cfg: DictConfig, obs_dim: int, act_dim: int, total_updates: int, device: torch.device, generator: torch.Generator
+) -> tuple[Agent, ReplayBuffer]:
+    sac_cfg = SACConfig.from_hydra(cfg, max_episode_steps=cfg.task.max_episode_steps)
+    agent = SAC(sac_cfg, obs_dim, act_dim, cfg.algo.num_envs, total_updates, device, generator)
+    return agent, ReplayBuffer(cfg.algo.buffer_size, obs_dim, act_dim, device=device)
+
+
+def make_dmc_env(cfg: DictConfig, num_envs: int) -> DMCEnv:
+    # Each env family is imported by its builder: a run loads only its own simulator, and a bad command line
+    # is refused before any simulator loads. Training never renders: without MUJOCO_GL, importing dm_control
+    # probes GLFW/EGL and warns on machines without a display (a user's own MUJOCO_GL wins).
+    os.environ.setdefault("MUJOCO_GL", "disabled")
+    from fasttd3_lora.tasks.dmc import DMCEnv
+
+    return DMCEnv(
+        cfg.task.name,
+        num_envs,
+        action_repeat=cfg.algo.action_repeat,
+        seed=cfg.seed,
+        max_episode_steps=cfg.task.max_episode_steps,
+    )
+
+
+# algo.name -> agent and replay builder; task.family -> env builder. FastTD3 and Isaac Lab join here.
+AGENT_BUILDERS: dict[str, Callable[..., tuple[Agent, ReplayBuffer]]] = {"sac": build_sac}
+ENV_BUILDERS: dict[str, Callable[[DictConfig, int], EnvBase]] = {"dmc": make_dmc_env}
+if set(AGENT_BUILDERS) != set(ALGORITHMS) or set(ENV_BUILDERS) != set(TASK_FAMILIES):
+    raise ImportError("fasttd3_lora.train's builders and fasttd3_lora.config's ALGORITHMS / TASK_FAMILIES disagree")
+
+
+@dataclasses.dataclass
+class Counters:
+    """Progress of a run; saved in every checkpoint (plain numbers, so weights_only loads them)."""
+
+    env_step: int = 0
+    agent_step: int = 0
+    wall_time: float = 0.0  # seconds of training so far, over all resumes
+    last_eval_return: float | None = None
+
+
+def episode_seed(seed: int, env_step: int, stream: int) -> int:
+    """Seed for the episodes that start at `env_step` (stream 0: training envs, 1: evaluation envs)."""
+    return int(np.random.SeedSequence([seed, stream, env_step]).generate_state(1)[0]) % 2**31
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return after // every > before // every
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_episodes(env: EnvBase, seed: int, env_step: int) -> Tensor:
+    """Reset every env from the seed of this step; returns the first observations."""
+    env.set_seed(episode_seed(seed, env_step, stream=0))
+    return env.reset()["observation"]
+
+
+@torch.no_grad()
+def evaluate(agent: Agent, env: EnvBase, seed: int) -> tuple[float, float]:
+    """One deterministic episode per eval env (DESIGN §5: 10); mean and std of the returns."""
+    env.set_seed(seed)
+    td = env.reset()
+    returns = torch.zeros(env.batch_size)
+    running = torch.ones(env.batch_size, dtype=torch.bool)
+    while bool(running.any()):
+        td.set("action", agent.act(td["observation"], deterministic=True).cpu())
+        td, next_td = env.step_and_maybe_reset(td)
+        returns += td["next", "reward"][:, 0] * running
+        running &= ~td["next", "done"][:, 0]
+        td = next_td
+    return returns.mean().item(), returns.std(correction=0).item()
+
+
+class UpdateMetrics:
+    """Running sums of the agents' update metrics between log rows; the non-finite guard for losses and Q."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, updates: list[dict[str, Tensor]], env_step: int, num_updates: int) -> None:
+        self.keys = list(updates[0])
+        ref = updates[0][self.keys[0]]
+        values = torch.stack([torch.stack([m[k].to(ref.device, torch.float32) for k in self.keys]) for m in updates])
+        if not bool(torch.isfinite(values).all()):  # one host sync per agent step
+            u, k = (~torch.isfinite(values)).nonzero()[0].tolist()
+            update = num_updates - len(updates) + u + 1
+            raise NonFiniteError(f"non-finite {self.keys[k]} ({values[u, k].item()}) at env_step {env_step} (update {update})")
+        step_total = values.sum(0)
+        self.total = step_total if self.total is None else self.total + step_total
+        self.count += len(updates)
+
+    def pop_means(self) -> dict[str, float]:
+        if self.total is None:
+            return {}
+        means = dict(zip(self.keys, (self.total / self.count).tolist(), strict=True))
+        self.total, self.count = None, 0
+        return means
+
+
+def checkpoint_state(
+    cfg: dict[str, Any],
+    overrides: Sequence[str],
+    counters: Counters,
+    agent: Agent,
+    replay: ReplayBuffer | None,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """Everything an exact resume needs, as plain containers and tensors (docs/training.md, "Checkpoints")."""
+    agent_state = agent.state_dict()
+    bad = find_nonfinite(agent_state)
+    if bad is not None:
+        raise NonFiniteError(f"non-finite agent state {bad} at env_step {counters.env_step}")
+    return {
+        "meta": {"config": cfg, "overrides": list(overrides), "counters": dataclasses.asdict(counters)},
+        "agent": agent_state,
+        "replay": None if replay is None else replay.state_dict(),
+        "rng": capture_rng(generator),
+    }
+
+
+def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> Counters:
+    """Run (or, with `cfg.resume`, continue) one training run writing into `run_dir`; returns the final counters.
+
+    `overrides` are the command-line overrides that produced `cfg`; checkpoints store them so that
+    `resume=<run dir>` rebuilds the same config."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    algo = cfg.algo
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    device = torch.device(cfg.device)
+    env_steps_per_agent_step = algo.num_envs * algo.action_repeat
+    total_agent_steps = math.ceil(cfg.total_env_steps / env_steps_per_agent_step)
+    # Updates follow every agent step after the first learning_starts (SimbaV2); the LR schedule spans them all.
+    total_updates = max(1, (total_agent_steps - algo.learning_starts) * algo.updates_per_step)
+    resume = load_checkpoint(resolve_checkpoint(cfg.resume)) if cfg.resume else None
+    if resume is not None:
+        check_resume_compatible(resolved, resume["meta"]["config"])
+
+    seed_everything(cfg.seed)  # network weights are drawn from torch's global RNG
+    generator = torch.Generator(device).manual_seed(cfg.seed)  # actions, noise and replay sampling
+    with ExitStack() as stack:
+        env = stack.enter_context(ENV_BUILDERS[cfg.task.family](cfg, algo.num_envs))
+        eval_env = stack.enter_context(ENV_BUILDERS[cfg.task.family](cfg, cfg.eval_episodes))
+        obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
+        agent, replay = AGENT_BUILDERS[algo.name](cfg, obs_dim, act_dim, total_updates, device, generator)
+        counters, updates_from = Counters(), algo.learning_starts
+        if resume is not None:
+            counters = Counters(**resume["meta"]["counters"])
+            agent.load_state_dict(resume["agent"])
+            if resume["replay"] is not None:
+                replay.load_state_dict(resume["replay"])
+            else:  # a checkpoint without its buffer: refill learning_starts agent steps before updating again
+                updates_from = counters.agent_step + algo.learning_starts
+            restore_rng(resume["rng"], generator)
+            del resume  # the buffer now lives in `replay`: free the loaded copy
+
+        atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(resolved).encode()))
+        wandb = OmegaConf.to_container(cfg.wandb) if cfg.logger == "wandb" else None
+        logger = RunLogger(run_dir, config=resolved, wandb=wandb, start_step=counters.env_step)
+        stack.callback(logger.close)
+        progress = Progress(cfg.total_env_steps, counters.env_step)
+        stack.callback(progress.close)
+        progress.update(counters.env_step, eval_return=counters.last_eval_return)
+        how = f"resumed at env_step {counters.env_step}" if counters.env_step else "started"
+        progress.write(f"{how}: {cfg.task.name}, {algo.name} with a {cfg.critic.kind} critic, run dir {run_dir}")
+
+        start_time, start_wall = time.monotonic(), counters.wall_time
+
+        def wall_time() -> float:
+            return start_wall + time.monotonic() - start_time
+
+        def save(path: Path, with_replay: bool) -> None:
+            counters.wall_time = wall_time()
+            state = checkpoint_state(resolved, overrides, counters, agent, replay if with_replay else None, generator)
+            save_checkpoint(path, state)
+            # Continue from exactly what was saved, as a resumed run does: modules may hold derived state that no
+            # state_dict carries (LoRALinear caches the W_eff of its fused projection; recomputed from the saved
+            # A and B it differs in the last bits), and reloading rebuilds it the way a resume will.
+            agent.load_state_dict(state["agent"])
+
+        if counters.env_step == 0:
+            save(ckpt_dir / LATEST, cfg.save_buffer)  # the guard's last finite state exists from the start
+        checkpoint_step = counters.env_step
+        num_envs = algo.num_envs
+        obs = start_episodes(env, cfg.seed, counters.env_step)
+        episode_return = torch.zeros(num_envs)
+        metrics = UpdateMetrics()
+        row_step, row_time = counters.env_step, time.monotonic()
+        try:
+            while counters.env_step < cfg.total_env_steps:
+                # 1. act and step
+                if counters.agent_step < algo.learning_starts:
+                    action = torch.rand((num_envs, act_dim), generator=generator, device=generator.device) * 2 - 1
+                else:
+                    action = agent.act(obs)
+                td = TensorDict({"observation": obs, "action": action.cpu()}, batch_size=[num_envs])
+                td, next_td = env.step_and_maybe_reset(td)
+                before = counters.env_step
+                counters.env_step += env_steps_per_agent_step
+                counters.agent_step += 1
+                end = counters.env_step >= cfg.total_env_steps
+                evaluation = crossed(before, counters.env_step, cfg.eval_every) or end
+                checkpoint = (
+                    crossed(before, counters.env_step, cfg.checkpoint_every)
+                    or (evaluation and cfg.keep_eval_checkpoints)
+                    or end
+                )
+
+                # 2. store; a checkpoint ends every episode (a time-out, so the target bootstraps)
+                nxt = td["next"]
+                reward, done = nxt["reward"][:, 0], nxt["done"][:, 0]
+                truncated = nxt["truncated"][:, 0] | checkpoint
+                replay.add(
+                    TensorDict(
+                        {
+                            "observation": obs,
+                            "action": td["action"],
+                            "reward": reward,
+                            "next_observation": nxt["observation"],
+                            "terminated": nxt["terminated"][:, 0],
+                            "truncated": truncated,
+                        },
+                        batch_size=[num_envs],
+                    )
+                )
+                agent.record(nxt["observation"], reward, done | truncated)
+                obs = next_td["observation"]
+
+                # 3. learn
+                if counters.agent_step > updates_from:
+                    batches = [agent.update(replay.sample(algo.batch_size, generator)) for _ in range(algo.updates_per_step)]
+                    metrics.add(batches, counters.env_step, agent.num_updates)
+
+                # 4. report finished episodes (episodes cut by a checkpoint are not reported)
+                episode_return += reward
+                if bool(done.any()):
+                    now = time.monotonic()
+                    sps = (counters.env_step - row_step) / max(now - row_time, 1e-9)
+                    row_step, row_time = counters.env_step, now
+                    row = {"episode_return": episode_return[done].mean().item(), "sps": sps, **metrics.pop_means()}
+                    logger.log(counters.env_step, wall_time(), row)
+                    progress.update(counters.env_step, sps=sps)
+                episode_return[done] = 0.0
+
+                # 5. evaluate, checkpoint (their time is left out of SPS)
+                paused = time.monotonic()
+                if evaluation:
+                    seed = episode_seed(cfg.seed, counters.env_step, stream=1)
+                    mean, std = evaluate(agent, eval_env, seed)
+                    counters.last_eval_return = mean
+                    logger.log(counters.env_step, wall_time(), {"eval_return": mean, "eval_return_std": std})
+                    progress.update(counters.env_step, eval_return=mean)
+                if checkpoint:
+                    save(ckpt_dir / LATEST, cfg.save_buffer)
+                    checkpoint_step = counters.env_step
+                    if evaluation and cfg.keep_eval_checkpoints:
+                        copy_checkpoint(ckpt_dir / LATEST, ckpt_dir / f"step_{counters.env_step}.pt")
+                    if not end:
+                        obs = start_episodes(env, cfg.seed, counters.env_step)
+                        episode_return.zero_()
+                row_time += time.monotonic() - paused
+                progress.update(counters.env_step)
+        except NonFiniteError as err:
+            nonfinite = ckpt_dir / "nonfinite.pt"
+            save_checkpoint(nonfinite, {"meta": {"config": resolved, "counters": dataclasses.asdict(counters)},
+                                        "agent": agent.state_dict()})  # fmt: skip
+            raise NonFiniteError(
+                f"{err}: run stopped; last finite checkpoint {ckpt_dir / LATEST} (env_step {checkpoint_step}), "
+                f"the non-finite agent in {nonfinite}"
+            ) from None
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"interrupted at env_step {counters.env_step}; resume=`{run_dir}` continues from env_step {checkpoint_step}"
+            ) from None
+        final = f" | last eval return {counters.last_eval_return:.1f}" if counters.last_eval_return is not None else ""
+        progress.write(f"done: env_step {counters.env_step}{final} | run dir {run_dir}")
+    return counters
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _fail(code: int, err: BaseException) -> NoReturn:
+    print(f"fasttd3-train: {err}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _fresh_dir(path: Path) -> Path:
+    """`path`, or `path_2`, `path_3`, ... if it exists: a new run never writes into another run's directory."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}_{n}")
+    return candidate
+
+
+def prepare_command_line(argv: Sequence[str]) -> list[str]:
+    """Check the command line and return the one Hydra runs: a resumed run gets its original overrides (the new
+    ones win) and its own run directory; a new run a directory that does not exist yet.
+
+    Raises `ConfigError` / `CheckpointError` (one line). Hydra's informational modes (--help, --cfg, ...) and
+    other config directories pass through unchecked."""
+    args = get_args_parser().parse_args(list(argv))
+    if any((args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_path,
+            args.config_name, args.config_dir, args.experimental_rerun)):  # fmt: skip
+        return list(argv)
+    check_overrides(args.overrides)
+    resume = override_value(args.overrides, "resume")
+    if args.multirun:
+        if resume is not None:
+            raise ConfigError(f"resume={resume}: not allowed with --multirun (resume each run on its own)")
+        return list(argv)  # every job is validated when it starts
+    overrides, run_dir, saved = list(args.overrides), None, None
+    if resume is not None:
+        checkpoint = resolve_checkpoint(str(resume))
+        saved = load_checkpoint(checkpoint, mmap=True)["meta"]  # mmap: the replay buffer is not read here
+        overrides = merge_overrides(saved["overrides"], overrides)
+        run_dir = run_dir_of(checkpoint)
+    cfg = compose_config(overrides, with_hydra=True)
+    template = Path(cfg.hydra.run.dir)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    if saved is not None:
+        check_resume_compatible(OmegaConf.to_container(cfg, resolve=True), saved["config"])
+    run_dir = run_dir or _fresh_dir(template)
+    return [*overrides, f"hydra.run.dir={_quote(str(run_dir))}"]
+
+
+@hydra.main(config_path="pkg://fasttd3_lora.configs", config_name="config", version_base="1.3")
+def _hydra_job(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        validate_config(cfg)  # multirun jobs reach here unchecked
+        train(cfg, hydra_cfg.runtime.output_dir, drop_override(list(hydra_cfg.overrides.task), "resume"))
+    except (ConfigError, CheckpointError) as err:
+        _fail(EXIT_CONFIG, err)
+    except NonFiniteError as err:
+        _fail(EXIT_NONFINITE, err)
+    except KeyboardInterrupt as err:
+        _fail(EXIT_INTERRUPTED, err)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (`fasttd3-train`, `python -m fasttd3_lora.train`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = prepare_command_line(argv)
+    except (ConfigError, CheckpointError) as err:
+        _fail(EXIT_CONFIG, err)
+    sys.argv = [sys.argv[0], *argv]  # Hydra reads its command line from sys.argv
+    _hydra_job()
+
+
+if __name__ == "__main__":
+    main()
