@@ -43,7 +43,7 @@ def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project
     projection, so a W_eff cached after projecting equals a later recomputation exactly (bit-exact resume)."""
     # Imported here, not at the top: fasttd3_lora.lora imports this package for LoRALinear (an import cycle
     # otherwise). This body runs as the op's kernel, never under Dynamo, so the import is a dict lookup.
-    from fasttd3_lora.lora import ROOT_EPS, hyperspherical_lora_weight, lora_delta
+    from fasttd3_lora.lora import ROOT_EPS, lora_delta, projection_factors
 
     c = base.new_ones(base.shape[:-1], dtype=torch.float32)
     if backend == "triton":
@@ -52,8 +52,12 @@ def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project
         w_eff = torch.empty_like(base)
         triton_lora.launch(base, lora_A, lora_B, w_eff, c, scale, ROOT_EPS, project)
         return w_eff, c
-    if project:  # the reference's own W_eff (from the unrounded c·ΔW) is not used: see the docstring
-        _, c = hyperspherical_lora_weight(base, lora_A, lora_B, scale, project=True)
+    if project:
+        # The reference's root (projection_factors -> positive_root, Eq. 13) in fp32 whatever the autocast
+        # state. Not hyperspherical_lora_weight: its W_eff comes from the unrounded c·ΔW (see the docstring),
+        # and computing it only to drop it cost an extra pass over W.
+        with torch.autocast(base.device.type, enabled=False):
+            c = projection_factors(base, lora_delta(lora_A.float(), lora_B.float(), scale))
         lora_B.mul_(c.unsqueeze(-1))
     # W0 + s B A in the inputs' own dtype (the reference upcasts to fp32, which would round float64 inputs and
     # spoil gradcheck; for fp32 it is the same arithmetic), with autocast off as in the reference and the

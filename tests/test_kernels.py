@@ -111,14 +111,19 @@ def test_without_projection_both_backends_give_w0_plus_sba_and_leave_b(dtype):
 @settings(max_examples=12, deadline=None)
 @given(
     out_f=st.integers(1, 140),
-    in_f=st.integers(1, 140),
+    in_f=st.integers(8, 140),
     rank=st.integers(1, 20),
     lead=st.sampled_from([(), (1,), (3,)]),
     base_sq=st.floats(0.05, 0.95),
     seed=st.integers(0, 2**16),
 )
 def test_triton_matches_reference_on_any_shape(out_f, in_f, rank, lead, base_sq, seed):
-    """Any sizes (not multiples of the blocks, rank padded to 16 or 32), any W0 norm in (0, 1)."""
+    """Any sizes (not multiples of the blocks, rank padded to 16 or 32), any W0 norm in (0, 1).
+
+    Rows of at least 8 inputs and r <= min(in, out) (LoRALinear's range): with a single input column, a row
+    of dW = s B A is one dot product that can cancel to ~1e-3 of its terms, and then dW itself (so c, which
+    scales like 1 / ||dw_i||) carries fp32 summation-order error of ~3e-5 on either backend."""
+    rank = min(rank, in_f, out_f)
     base, lora_A, lora_B = make_inputs(out_f, in_f, rank, lead=lead, base_sq=base_sq, seed=seed)
     base_before = base.clone()
     (w, c, b_tri), (w_ref, c_ref, b_ref), b_before = run_both(base, lora_A, lora_B)
