@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,15 +30,13 @@ from fasttd3_lora.distributional import (
 )
 from fasttd3_lora.hypersphere import project_
 from fasttd3_lora.networks import (
-    CRITIC_KINDS,
     CategoricalCritic,
+    CriticSettings,
     TanhGaussianActor,
     bounded_log_std,
     convert_blocks_to_lora_,
     dense_target,
-    lora_parameters,
-    make_critic,
-    non_lora_parameters,
+    optimizer_groups,
     polyak_update_,
     tanh_gaussian_sample,
 )
@@ -67,12 +65,12 @@ def discount_from_horizon(max_episode_steps: int, action_repeat: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class SACConfig:
+class SACConfig(CriticSettings):
     """Every knob of the SAC agent; the values live in `configs/` (algo/sac, critic/*, scale/*) only.
 
-    Field names are the Hydra keys: `algo.*` verbatim, `critic.*` as `critic_kind`, `lora_rank`, `lora_alpha`,
-    `lora_base_init_scale`, `lora_project`, `lora_use_base`, `lora_base_rank`, `warmup_fraction`, and `scale.*`
-    verbatim. `discount=None` means "derive it from the task's horizon" (`from_hydra` does that when told the
+    Field names are the Hydra keys: `algo.*` verbatim; the critic/ and scale/ fields (`critic_kind`, `lora_*`,
+    `warmup_fraction`, `critic_hidden_dim`, ...) come from `CriticSettings`, shared with FastTD3Config.
+    `discount=None` means "derive it from the task's horizon" (`from_hydra` does that when told the
     episode length; the agent itself needs a number).
     """
 
@@ -98,24 +96,12 @@ class SACConfig:
     actor_num_blocks: int
     amp_bf16: bool
     compile: bool
-    # critic (the lora_* fields and warmup_fraction are None for the dense and sparse critics)
-    critic_kind: str
-    lora_rank: int | None
-    lora_alpha: float | None
-    lora_base_init_scale: float | None
-    lora_project: bool | None
-    lora_use_base: bool | None
-    lora_base_rank: int | None
-    warmup_fraction: float | None
-    # scale
-    critic_hidden_dim: int
-    critic_num_blocks: int
-    sparsity: float
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         positive_ints = (
             "num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
-            "actor_hidden_dim", "actor_num_blocks", "critic_hidden_dim", "critic_num_blocks",
+            "actor_hidden_dim", "actor_num_blocks",
         )  # fmt: skip
         for name in positive_ints:
             value = getattr(self, name)
@@ -123,8 +109,6 @@ class SACConfig:
                 raise ValueError(f"SACConfig.{name} must be a positive int, got {value!r}")
         if self.learning_starts < 0:
             raise ValueError(f"SACConfig.learning_starts must be >= 0, got {self.learning_starts!r}")
-        if self.critic_kind not in CRITIC_KINDS:
-            raise ValueError(f"SACConfig.critic_kind must be one of {CRITIC_KINDS}, got {self.critic_kind!r}")
         if self.num_critics not in (1, 2):
             raise ValueError(f"SACConfig.num_critics must be 1 (single) or 2 (clipped double Q), got {self.num_critics!r}")
         if not (self.lr_init > 0 and self.lr_final > 0):
@@ -139,34 +123,12 @@ class SACConfig:
             raise ValueError(f"SACConfig needs v_min < v_max, got v_min={self.v_min!r}, v_max={self.v_max!r}")
         if self.lora_weight_decay < 0:
             raise ValueError(f"SACConfig.lora_weight_decay must be >= 0, got {self.lora_weight_decay!r}")
-        lora_fields = ("lora_rank", "lora_alpha", "lora_base_init_scale", "lora_project", "lora_use_base",
-                       "warmup_fraction")  # fmt: skip
-        if self.critic_kind == "lora":
-            unset = [name for name in lora_fields if getattr(self, name) is None]
-            if unset:
-                raise ValueError(f"SACConfig: critic_kind 'lora' needs {unset} set, got None")
-            if not 0.0 <= self.warmup_fraction < 1.0:
-                raise ValueError(f"SACConfig.warmup_fraction must be in [0, 1), got {self.warmup_fraction!r}")
-            if self.warmup_fraction > 0 and (not self.lora_use_base or self.lora_base_rank is not None):
-                raise ValueError(
-                    f"SACConfig: dense warm-up (warmup_fraction={self.warmup_fraction!r}) freezes the warmed-up "
-                    f"weights as a full-rank W0, so it needs lora_use_base=True and lora_base_rank=None, got "
-                    f"{self.lora_use_base!r} and {self.lora_base_rank!r}"
-                )
-        else:
-            set_ = [name for name in lora_fields + ("lora_base_rank",) if getattr(self, name) is not None]
-            if self.warmup_fraction == 0.0:  # "no warm-up" is a fine thing to say of any critic
-                set_.remove("warmup_fraction")
-            if set_:
-                raise ValueError(f"SACConfig: {set_} only apply to critic_kind 'lora', got {self.critic_kind!r}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"SACConfig.sparsity must be in [0, 1), got {self.sparsity!r}")
 
     @classmethod
     def from_hydra(cls, cfg: Any, max_episode_steps: int | None = None) -> "SACConfig":
         """Map the Hydra groups `cfg.algo`, `cfg.critic`, `cfg.scale`; a null `algo.discount` is derived with
         `discount_from_horizon(max_episode_steps, algo.action_repeat)`."""
-        algo, critic, scale = cfg.algo, cfg.critic, cfg.scale
+        algo = cfg.algo
         if algo.name != "sac":
             raise ValueError(f"SACConfig.from_hydra needs algo.name 'sac', got {algo.name!r}")
         discount = algo.discount
@@ -196,35 +158,8 @@ class SACConfig:
             actor_num_blocks=int(algo.actor_num_blocks),
             amp_bf16=bool(algo.amp_bf16),
             compile=bool(algo.compile),
-            critic_kind=str(critic.kind),
-            lora_rank=_optional(critic, "rank", int),
-            lora_alpha=_optional(critic, "alpha", float),
-            lora_base_init_scale=_optional(critic, "base_init_scale", float),
-            lora_project=_optional(critic, "project", bool),
-            lora_use_base=_optional(critic, "use_base", bool),
-            lora_base_rank=_optional(critic, "base_rank", int),
-            warmup_fraction=_optional(critic, "warmup_fraction", float),
-            critic_hidden_dim=int(scale.critic_hidden_dim),
-            critic_num_blocks=int(scale.critic_num_blocks),
-            sparsity=float(scale.sparsity),
+            **CriticSettings.hydra_fields(cfg),
         )
-
-    def lora_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `LoRALinear` (`make_critic(..., lora=...)`)."""
-        return dict(
-            rank=self.lora_rank,
-            alpha=self.lora_alpha,
-            base_init_scale=self.lora_base_init_scale,
-            project=self.lora_project,
-            use_base=self.lora_use_base,
-            base_rank=self.lora_base_rank,
-        )
-
-
-def _optional(group: Any, key: str, cast: Callable[[Any], Any]) -> Any:
-    """`cast(group[key])`, or None when the key is absent or null (the dense critic group has no LoRA keys)."""
-    value = group.get(key, None) if hasattr(group, "get") else getattr(group, key, None)
-    return None if value is None else cast(value)
 
 
 def linear_lr_factor(step: int, total: int, lr_init: float, lr_final: float) -> float:
@@ -353,12 +288,9 @@ class SAC:
 
         self.actor = TanhGaussianActor(obs_dim, act_dim, cfg.actor_hidden_dim, cfg.actor_num_blocks).to(self.device)
         kind = "simbav2" if self.warmup_updates > 0 else cfg.critic_kind
-        self.critic = make_critic(
-            kind, obs_dim, act_dim, cfg.critic_hidden_dim, cfg.critic_num_blocks, cfg.num_atoms, cfg.v_min,
-            cfg.v_max, cfg.num_critics,
-            lora=cfg.lora_kwargs() if kind == "lora" else None,
-            sparsity=cfg.sparsity if kind == "sparse" else None,
-        ).to(self.device)  # fmt: skip
+        self.critic = cfg.make_critic(
+            obs_dim, act_dim, cfg.num_atoms, cfg.v_min, cfg.v_max, cfg.num_critics, kind=kind
+        ).to(self.device)
         self.target_critic = dense_target(self.critic)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(cfg.temperature_init), device=self.device))
         self.obs_rms = RunningMeanStd(obs_dim).to(self.device)
@@ -384,11 +316,7 @@ class SAC:
 
     def _critic_optimizer(self) -> torch.optim.AdamW:
         """Two groups (DESIGN §3): the LoRA adapters A, B with `lora_weight_decay`, everything else without."""
-        groups = [{"params": non_lora_parameters(self.critic), "weight_decay": 0.0}]
-        adapters = lora_parameters(self.critic)
-        if adapters:
-            groups.append({"params": adapters, "weight_decay": self.cfg.lora_weight_decay})
-        return self._adam(groups)
+        return self._adam(optimizer_groups(self.critic, self.cfg.lora_weight_decay))
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, start: int = 0) -> LambdaLR:
         """Linear lr_init -> lr_final over `total_updates`; `start` updates already done (rebuilt optimiser)."""
