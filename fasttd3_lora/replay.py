@@ -27,6 +27,38 @@ __all__ = ["ReplayBuffer", "NStepReplayBuffer", "free_memory_bytes"]
 log = logging.getLogger(__name__)
 
 
+def _transition_specs(
+    obs_dim: int, act_dim: int, critic_obs_dim: int | None, dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per-transition (shape, dtype) of every stored key; the critic keys only for asymmetric critics."""
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
+        "observation": ((obs_dim,), dtype),
+        "action": ((act_dim,), dtype),
+        "reward": ((), dtype),
+        "next_observation": ((obs_dim,), dtype),
+        "terminated": ((), torch.bool),
+        "truncated": ((), torch.bool),
+    }
+    if critic_obs_dim is not None:
+        specs["critic_observation"] = ((critic_obs_dim,), dtype)
+        specs["next_critic_observation"] = ((critic_obs_dim,), dtype)
+    return specs
+
+
+def _checked_values(td: TensorDict, columns: dict[str, Tensor], lead: int) -> dict[str, Tensor]:
+    """`td`'s value of every stored key (one `get` each), checked against its column's per-transition shape
+    (the column's dims after its `lead` ring dims)."""
+    missing = set(columns) - set(td.keys())
+    if missing:
+        raise ValueError(f"add: missing keys {sorted(missing)}; the buffer stores {list(columns)}")
+    values = {k: td.get(k) for k in columns}
+    for key, column in columns.items():
+        got, want = tuple(values[key].shape[1:]), tuple(column.shape[lead:])
+        if got != want:
+            raise ValueError(f"add: {key} has per-transition shape {got}, expected {want}")
+    return values
+
+
 class ReplayBuffer:
     """Uniform replay over a preallocated ring of `capacity` transitions.
 
@@ -52,17 +84,7 @@ class ReplayBuffer:
             raise ValueError(f"critic_obs_dim must be None or a positive int, got {critic_obs_dim!r}")
         self.capacity = capacity
         self.device = torch.device(device)
-        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-            "observation": ((obs_dim,), dtype),
-            "action": ((act_dim,), dtype),
-            "reward": ((), dtype),
-            "next_observation": ((obs_dim,), dtype),
-            "terminated": ((), torch.bool),
-            "truncated": ((), torch.bool),
-        }
-        if critic_obs_dim is not None:
-            shapes["critic_observation"] = ((critic_obs_dim,), dtype)
-            shapes["next_critic_observation"] = ((critic_obs_dim,), dtype)
+        shapes = _transition_specs(obs_dim, act_dim, critic_obs_dim, dtype)
         self._storage = TensorDict(
             {k: torch.zeros((capacity, *s), dtype=dt, device=self.device) for k, (s, dt) in shapes.items()},
             batch_size=[capacity],
@@ -86,17 +108,8 @@ class ReplayBuffer:
         """Write a batch of N transitions (``td.batch_size == [N]``), overwriting the oldest when full."""
         if td.batch_dims != 1:
             raise ValueError(f"add expects a TensorDict with one batch dimension [N], got batch_size {td.batch_size}")
-        missing = set(self._keys) - set(td.keys())
-        if missing:
-            raise ValueError(f"add: missing keys {sorted(missing)}; the buffer stores {list(self._keys)}")
+        src = _checked_values(td, self._columns, lead=1)
         n = td.batch_size[0]
-        src = {k: td.get(k) for k in self._keys}
-        for key, value in src.items():
-            if value.shape[1:] != self._columns[key].shape[1:]:
-                raise ValueError(
-                    f"add: {key} has per-transition shape {tuple(value.shape[1:])}, "
-                    f"expected {tuple(self._columns[key].shape[1:])}"
-                )
         if n == 0:
             return
         if n > self.capacity:  # only the newest `capacity` transitions can survive
@@ -155,35 +168,6 @@ class ReplayBuffer:
             dst[:size].copy_(src)
             dst[size:].zero_()
         self._size, self._cursor = size, cursor
-
-
-def _transition_specs(
-    obs_dim: int, act_dim: int, critic_obs_dim: int | None, dtype: torch.dtype
-) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Per-transition (shape, dtype) of every stored key; the critic keys only for asymmetric critics."""
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-        "observation": ((obs_dim,), dtype),
-        "action": ((act_dim,), dtype),
-        "reward": ((), dtype),
-        "next_observation": ((obs_dim,), dtype),
-        "terminated": ((), torch.bool),
-        "truncated": ((), torch.bool),
-    }
-    if critic_obs_dim is not None:
-        specs["critic_observation"] = ((critic_obs_dim,), dtype)
-        specs["next_critic_observation"] = ((critic_obs_dim,), dtype)
-    return specs
-
-
-def _check_keys_and_shapes(td: TensorDict, columns: dict[str, Tensor], lead: int) -> None:
-    """`td` holds every stored key, each with the per-transition shape of its column (after `lead` ring dims)."""
-    missing = set(columns) - set(td.keys())
-    if missing:
-        raise ValueError(f"add: missing keys {sorted(missing)}; the buffer stores {list(columns)}")
-    for key, column in columns.items():
-        got, want = tuple(td.get(key).shape[1:]), tuple(column.shape[lead:])
-        if got != want:
-            raise ValueError(f"add: {key} has per-transition shape {got}, expected {want}")
 
 
 def free_memory_bytes(device: torch.device | str) -> int | None:
@@ -307,9 +291,9 @@ class NStepReplayBuffer:
         """Write one step of all envs (``td.batch_size == [num_envs]``), overwriting each env's oldest step when full."""
         if tuple(td.batch_size) != (self.num_envs,):
             raise ValueError(f"add expects one step of all envs, batch_size [{self.num_envs}], got {list(td.batch_size)}")
-        _check_keys_and_shapes(td, self._columns, lead=2)
+        src = _checked_values(td, self._columns, lead=2)
         for key, dst in self._columns.items():
-            dst[:, self._cursor].copy_(td.get(key))
+            dst[:, self._cursor].copy_(src[key])
         self._cursor = (self._cursor + 1) % self.capacity
         self._size = min(self._size + 1, self.capacity)
 
