@@ -221,7 +221,14 @@ class LoRALinear(Projected):
         return lora_delta(self.lora_A, self.lora_B, self.scale)
 
     def effective_weight(self) -> Tensor:
-        return self.base + self.delta_weight()
+        """`W0 + s B A`, differentiable in A and B: in eager mode the W_eff cached by the last `project_()` while
+        W0, A, B are unchanged since (read-only: do not modify it in place); otherwise (stale, or under
+        torch.compile, which cannot guard on `_version`) computed by the fused op. Both are bit-identical."""
+        if not torch.compiler.is_compiling() and self._w_eff_cache is not None:
+            w_eff, key = self._w_eff_cache
+            if key == self._cache_key():
+                return cached_lora_weight(w_eff, self.lora_A, self.lora_B, self.scale)
+        return lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         # Rows of x per ensemble member decide the cheaper form (DESIGN §3): the factored form costs
@@ -230,23 +237,13 @@ class LoRALinear(Projected):
         # the same side either way.)
         rows = x.shape[-2] if self.ensemble is not None and x.dim() >= 2 else x[..., 0].numel()
         if rows > self.in_features * self.out_features / (self.in_features + self.out_features):
-            return x @ self._dense_weight().mT
+            return x @ self.effective_weight().mT
         low_rank = self.scale * ((x @ self.lora_A.mT) @ self.lora_B.mT)
         return x @ self.base.mT + low_rank if self.use_base else low_rank
 
     def _cache_key(self) -> tuple[int, ...]:
         """Changes whenever W0, A or B change in place (optimiser step, load_state_dict) or are replaced (.to())."""
         return tuple(v for t in (self.base, self.lora_A, self.lora_B) for v in (t._version, t.data_ptr()))
-
-    def _dense_weight(self) -> Tensor:
-        """W_eff for the dense forward, differentiable in A and B: in eager mode the one cached by the last
-        `project_()` while A and B are unchanged since; otherwise (stale, or under torch.compile, which cannot
-        guard on `_version`) computed by the fused op."""
-        if not torch.compiler.is_compiling() and self._w_eff_cache is not None:
-            w_eff, key = self._w_eff_cache
-            if key == self._cache_key():
-                return cached_lora_weight(w_eff, self.lora_A, self.lora_B, self.scale)
-        return lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False)[0]
 
     @torch.no_grad()
     def project_(self) -> None:

@@ -305,7 +305,8 @@ def test_project_refreshes_b_and_the_cached_weight_in_one_call(project):
     b_before = layer.lora_B.detach().clone()
     layer.project_()
     w_eff, _ = layer._w_eff_cache
-    assert torch.equal(w_eff, layer.effective_weight())  # the cache is exactly the parameters' weight
+    assert torch.equal(w_eff, layer.base + layer.delta_weight())  # the cache is exactly the parameters' weight
+    assert torch.equal(layer.effective_weight(), w_eff)
     if project:  # B was projected at init already, so a second projection is (numerically) the identity
         torch.testing.assert_close(layer.lora_B.detach(), b_before, rtol=1e-6, atol=0)
         assert_projection_contract(layer.base, layer.base.clone(), w_eff, torch.ones(2, 40), layer.lora_B, b_before, 1e-5)
@@ -313,7 +314,7 @@ def test_project_refreshes_b_and_the_cached_weight_in_one_call(project):
         assert torch.equal(layer.lora_B, b_before)
 
 
-def test_dense_forward_uses_a_fresh_cache_and_never_a_stale_one():
+def test_dense_forward_and_effective_weight_use_a_fresh_cache_and_never_a_stale_one():
     layer = lora_layer()
     x = torch.randn(2, dense_rows(layer), 24, generator=torch.Generator().manual_seed(3))
     probe = torch.randn(2, x.shape[1], 40, generator=torch.Generator().manual_seed(4))
@@ -325,7 +326,7 @@ def test_dense_forward_uses_a_fresh_cache_and_never_a_stale_one():
         return y.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
 
     def explicit(inp):
-        return inp @ layer.effective_weight().mT
+        return inp @ (layer.base + layer.delta_weight()).mT
 
     cached = layer._w_eff_cache[0]
     for got, want in zip(out_and_grads(layer), out_and_grads(explicit)):  # fresh: served from the cache
@@ -334,6 +335,7 @@ def test_dense_forward_uses_a_fresh_cache_and_never_a_stale_one():
     with torch.no_grad():  # an optimiser-like update without project_(): the cache is now stale
         layer.lora_A.add_(0.1)
     y_stale = x @ cached.mT
+    assert torch.equal(layer.effective_weight(), layer.base + layer.delta_weight())
     y, ga, gb = out_and_grads(layer)
     y_ref, ga_ref, gb_ref = out_and_grads(explicit)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
