@@ -115,7 +115,9 @@ def cached_lora_weight(w_eff: Tensor, lora_A: Tensor, lora_B: Tensor, scale: flo
     return _CachedWeight.apply(w_eff, lora_A, lora_B, scale)
 
 
-def _resolve_backend(backend: str, base: Tensor, dtype: torch.dtype) -> str:
+def _resolve_backend(backend: str, base: Tensor) -> str:
+    """"auto" -> "triton" or "torch" for these tensors; checks that a forced "triton" can run."""
+    dtype = base.dtype
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -171,7 +173,7 @@ def lora_weight(
     TRITON_INTERPRET=1) or "torch" (the reference).
     """
     _check_inputs(base, lora_A, lora_B, scale)
-    resolved = _resolve_backend(backend, base, base.dtype)
+    resolved = _resolve_backend(backend, base)
     scale = float(scale)
     if not project:
         w_eff = _dense_op(base, lora_A, lora_B, scale, resolved)

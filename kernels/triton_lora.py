@@ -6,9 +6,11 @@ accumulates the per-row a_i = ||Δw_i||², b_i = <w0_i, Δw_i> and ||w0_i||², s
 B_i ← c_i·B_i. Pass 2 recomputes the tile from the new B and writes W_eff = W0 + s·B_new·A (= W0 + diag(c)·ΔW
 in exact arithmetic; computed from the stored B_new, it is bit-for-bit what the unprojected launch gives for
 the same parameters, so a cached W_eff and a recomputed one agree exactly). ΔW never touches memory:
-recomputing it (4·r flop per element over both passes) is cheaper than storing and re-reading it, since
-the kernel is memory-bound for the ranks we use. Everything accumulates in float32 whatever the input
-dtype. This module needs triton; `fasttd3_lora.kernels` imports it lazily.
+recomputing it costs 4·r flop per element over both passes, against 6 bytes per element of W0/W_eff
+traffic in bf16, which keeps a bf16 launch at r = 96 memory-bound on tensor cores (fp32 inputs use exact
+"ieee" dots on the CUDA cores and may be compute-bound instead: see docs/kernels.md). Everything
+accumulates in float32 whatever the input dtype. This module needs triton; `fasttd3_lora.kernels`
+imports it lazily.
 """
 
 from __future__ import annotations
