@@ -143,7 +143,7 @@ def test_update_equals_manual_reimplementation_in_design_order() -> None:
     next_obs = agent.obs_rms.normalize(batch["next_observation"])
     reward = agent.reward_normalizer.scale(batch["reward"])
     noise = torch.randn((2, N, ACT), generator=gen)
-    adam = dict(lr=cfg.lr_init, weight_decay=0.0)
+    adam = dict(lr=cfg.lr_init, weight_decay=0.0, fused=True)
     a_opt = torch.optim.AdamW(actor.parameters(), **adam)
     a_loss, log_prob = actor_loss(actor, critic, obs, log_t.detach().exp(), noise[0])
     grads = torch.autograd.grad(a_loss, list(actor.parameters()))
