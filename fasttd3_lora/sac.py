@@ -68,13 +68,11 @@ def discount_from_horizon(max_episode_steps: int, action_repeat: int) -> float:
 class SACConfig(CriticSettings):
     """Every knob of the SAC agent; the values live in `configs/` (algo/sac, critic/*, scale/*) only.
 
-    Field names are the Hydra keys: `algo.*` verbatim; the critic/ and scale/ fields (`critic_kind`, `lora_*`,
-    `warmup_fraction`, `critic_hidden_dim`, ...) come from `CriticSettings`, shared with FastTD3Config.
-    `discount=None` means "derive it from the task's horizon" (`from_hydra` does that when told the
-    episode length; the agent itself needs a number).
+    The critic fields (`critic.*`, `scale.*`) come from `CriticSettings`; the rest are the `algo.*` keys verbatim.
+    `discount=None` means "derive it from the task's horizon" (`from_hydra` does that when told the episode
+    length; the agent itself needs a number).
     """
 
-    # algo
     num_envs: int
     action_repeat: int
     updates_per_step: int
