@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import importlib.util
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -252,7 +253,8 @@ def validate_config(cfg: DictConfig) -> None:
     resume = _get(cfg, "resume")
     if resume is not None and not (isinstance(resume, str) and resume):
         raise ConfigError(f"resume={resume!r}: allowed null, a run directory or a checkpoint file")
-    _choice(cfg, "logger", LOGGERS)
+    if _choice(cfg, "logger", LOGGERS) == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logger=wandb: the wandb package is not installed (pip install 'fasttd3-lora[wandb]')")
     _choice(cfg, "wandb.mode", WANDB_MODES)
 
     _choice(cfg, "task.family", TASK_FAMILIES)
