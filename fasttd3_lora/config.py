@@ -57,6 +57,7 @@ RESUME_MAY_CHANGE = (
     "keep_eval_checkpoints", "resume", "logger", "wandb", "device",
 )  # fmt: skip
 _LIST_AT_MOST = 12  # a group with more options than this is answered with close matches only
+_MISSING = object()  # OmegaConf.select's default for "no such key" (None is a legal value)
 
 
 class ConfigError(ValueError):
@@ -146,9 +147,6 @@ def check_overrides(overrides: Sequence[str]) -> None:
     for override in plain:
         if override.type == OverrideType.CHANGE and OmegaConf.select(base, override.key_or_group, default=_MISSING) is _MISSING:
             raise _unknown_key(override.key_or_group, keys)
-
-
-_MISSING = object()
 
 
 def _unknown_key(key: str, keys: Sequence[str]) -> ConfigError:
