@@ -141,6 +141,16 @@ main(sys.argv[1:])
 """
 
 
+def test_resume_without_the_buffer_refills_before_updating(tmp_path: Path) -> None:
+    train(compose_config([*TINY, "total_env_steps=200", "save_buffer=false"]), tmp_path, TINY)
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest.pt")["replay"] is None
+    train(compose_config([*TINY, "save_buffer=false", f"resume={tmp_path}"]), tmp_path, TINY)
+    losses = {int(r["env_step"]): r["critic_loss"] for r in rows(tmp_path) if r["episode_return"]}
+    # updates ran from env_step 100 to 200; after the resume at 200 the empty buffer refills for learning_starts
+    # (50 agent steps = 100 env steps) with no updates, so the episodes ending at 250 and 300 report no losses
+    assert all(losses[step] for step in (150, 200)) and not any(losses[step] for step in (250, 300))
+
+
 def test_nan_guard_stops_with_the_quantity_and_step_and_keeps_a_finite_checkpoint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -181,7 +191,7 @@ def test_crossed_marks_each_multiple_once() -> None:
 def killed_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A CLI run killed with SIGKILL once it has checkpointed env_step 200, then resumed with `resume=<run dir>`."""
     cwd = tmp_path_factory.mktemp("cli")
-    proc = cli(*TINY, "total_env_steps=600", "seed=3", cwd=cwd)
+    proc = cli(*TINY, "total_env_steps=600", "seed=3", "keep_eval_checkpoints=true", cwd=cwd)
     deadline = time.monotonic() + 120
     run_dir, checkpoint_step = None, 0
     while checkpoint_step < 200 and time.monotonic() < deadline and proc.poll() is None:
@@ -232,6 +242,8 @@ def test_run_dir_holds_config_metrics_events_and_checkpoint(killed_and_resumed: 
     assert [e.step for e in events.Scalars("eval_return")] == [100, 200, 300, 400, 500, 600]
     latest = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert latest["replay"]["size"] == 300 and latest["meta"]["overrides"][:2] == TINY[:2]
+    kept = sorted(int(p.stem.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    assert kept == [100, 200, 300, 400, 500, 600]  # keep_eval_checkpoints: one per evaluation
     # stdout is a pipe, so progress comes as log lines, not a bar
     assert "env_step 600/600 (100.0%)" in killed_and_resumed["resumed"].stdout
 
