@@ -22,7 +22,6 @@ from fasttd3_lora import train as train_mod
 from fasttd3_lora.checkpoint import load_checkpoint, save_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config
 from fasttd3_lora.run_logging import MetricsCSV, Progress, RunLogger
-from fasttd3_lora.sac import SAC
 from fasttd3_lora.train import NonFiniteError, UpdateMetrics, crossed, prepare_command_line, train
 
 # 25 agent steps per episode (50 control steps, action repeat 2); 150 agent steps in all, updates after 50.
@@ -128,7 +127,6 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path: Path, monkeypa
 # The CLI, with SAC.update poisoned at its 7th update (a subprocess: Hydra configures logging process-wide).
 POISONED_CLI = """
 import sys, torch
-from fasttd3_lora.sac import SAC
 from fasttd3_lora.train import main
 update = SAC.update
 def poisoned(self, batch):
