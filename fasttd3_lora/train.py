@@ -422,10 +422,12 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
         return list(argv)
     check_overrides(args.overrides)
     resume = override_value(args.overrides, "resume")
-    if args.multirun:
+    if args.multirun:  # every job is validated when it starts; the sweep gets a directory of its own
         if resume is not None:
             raise ConfigError(f"resume={resume}: not allowed with --multirun (resume each run on its own)")
-        return list(argv)  # every job is validated when it starts
+        hydra_overrides = [o for o in args.overrides if o.startswith("hydra.")]
+        sweep_dir = _fresh_dir(Path(compose_config(hydra_overrides, check=False, with_hydra=True).hydra.sweep.dir))
+        return [*argv, f"hydra.sweep.dir={_quote(str(sweep_dir))}"]
     overrides, run_dir, saved = list(args.overrides), None, None
     if resume is not None:
         checkpoint = resolve_checkpoint(str(resume))

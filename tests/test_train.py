@@ -311,6 +311,13 @@ def test_a_new_run_never_reuses_an_existing_directory(tmp_path: Path) -> None:
     assert train_mod._fresh_dir(run) == run.with_name(run.name + "_3")
 
 
+def test_a_sweep_gets_a_fresh_directory(tmp_path: Path) -> None:
+    taken = tmp_path / "sweep"
+    taken.mkdir()
+    argv = prepare_command_line(["-m", "seed=0,1", f"hydra.sweep.dir={taken}"])
+    assert argv == ["-m", "seed=0,1", f"hydra.sweep.dir={taken}", f"hydra.sweep.dir='{taken}_2'"]
+
+
 def test_resume_reuses_the_run_dir_and_its_overrides(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     resolved = OmegaConf.to_container(compose_config(TINY), resolve=True)
