@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -142,41 +142,55 @@ def format_duration(seconds: float) -> str:
 
 class Progress:
     """A live tqdm bar (env steps, SPS, ETA, last eval return) on a terminal; periodic log lines otherwise
-    (a log file, a CI job, `nohup`), every `interval_s` seconds and after each evaluation."""
+    (a log file, a CI job, `nohup`), every `interval_s` seconds and after each evaluation.
 
-    def __init__(self, total: int, initial: int = 0, *, stream: IO[str] | None = None, interval_s: float = 30.0) -> None:
-        self.total, self.stream, self.interval_s = total, stream or sys.stdout, interval_s
+    SPS is measured here, over the last `interval_s` (2 s for the bar), so it includes evaluation and checkpoint
+    time and the ETA is what the run will really take. `clock` is for tests."""
+
+    BAR_INTERVAL_S = 2.0
+
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        *,
+        stream: IO[str] | None = None,
+        interval_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total, self.stream, self.clock = total, stream or sys.stdout, clock
         self.env_step, self.sps, self.eval_return = initial, math.nan, None
-        self._last_line, self._line_step = time.monotonic(), None
+        self._mark_step, self._mark_time, self._line_step = initial, clock(), None
         is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval_s = min(interval_s, self.BAR_INTERVAL_S) if is_tty else interval_s
         self.bar = (
             tqdm(total=total, initial=initial, file=self.stream, unit="step", unit_scale=True, dynamic_ncols=True)
             if is_tty
             else None
         )
 
-    def update(self, env_step: int, *, sps: float | None = None, eval_return: float | None = None) -> None:
-        new_eval = eval_return is not None
-        if sps is not None:
-            self.sps = sps
-        if new_eval:
-            self.eval_return = eval_return
+    def update(self, env_step: int, *, eval_return: float | None = None) -> None:
         if self.bar is not None:
             self.bar.update(env_step - self.env_step)
-            if sps is not None or new_eval:
-                self.bar.set_postfix(self._postfix(), refresh=False)
-        elif new_eval or time.monotonic() - self._last_line >= self.interval_s:
-            self._line(env_step)
         self.env_step = env_step
-
-    def _postfix(self) -> dict[str, str]:
-        postfix = {"SPS": f"{self.sps:.0f}"}
-        if self.eval_return is not None:
-            postfix["eval"] = f"{self.eval_return:.1f}"
-        return postfix
+        if eval_return is not None:
+            self.eval_return = eval_return
+        now = self.clock()
+        if now - self._mark_time >= self.interval_s:
+            self.sps = (env_step - self._mark_step) / (now - self._mark_time)
+            self._mark_step, self._mark_time = env_step, now
+        elif eval_return is None:
+            return
+        if self.bar is not None:
+            postfix = {"SPS": f"{self.sps:.0f}"}
+            if self.eval_return is not None:
+                postfix["eval"] = f"{self.eval_return:.1f}"
+            self.bar.set_postfix(postfix, refresh=False)
+        else:
+            self._line(env_step)
 
     def _line(self, env_step: int) -> None:
-        self._last_line, self._line_step = time.monotonic(), env_step
+        self._line_step = env_step
         eta = (self.total - env_step) / self.sps if self.sps > 0 else math.nan
         text = (
             f"env_step {env_step}/{self.total} ({100.0 * env_step / self.total:.1f}%) | {self.sps:.0f} SPS"

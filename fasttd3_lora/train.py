@@ -351,7 +351,6 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                     row_step, row_time = counters.env_step, now
                     row = {"episode_return": episode_return[done].mean().item(), "sps": sps, **metrics.pop_means()}
                     logger.log(counters.env_step, wall_time(), row)
-                    progress.update(counters.env_step, sps=sps)
                 episode_return[done] = 0.0
 
                 # 5. evaluate, checkpoint (their time is left out of SPS)

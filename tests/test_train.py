@@ -359,15 +359,26 @@ class _Tty(io.StringIO):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() -> None:
+    now = [0.0]
     lines = io.StringIO()
-    progress = Progress(1000, 0, stream=lines, interval_s=3600)
-    progress.update(100, sps=50.0)
+    progress = Progress(1000, 0, stream=lines, interval_s=30, clock=lambda: now[0])
+    now[0] = 10.0
+    progress.update(100)
     assert lines.getvalue() == ""  # nothing until the interval passes or an evaluation arrives
-    progress.update(200, eval_return=12.34)
-    assert lines.getvalue() == "env_step 200/1000 (20.0%) | 50 SPS | ETA 0:00:16 | eval return 12.3\n"
+    now[0] = 40.0
+    progress.update(200)  # 200 steps in 40 s
+    progress.update(200, eval_return=12.34)  # an evaluation: a line at once, same SPS
+    assert lines.getvalue().splitlines() == [
+        "env_step 200/1000 (20.0%) | 5 SPS | ETA 0:02:40",
+        "env_step 200/1000 (20.0%) | 5 SPS | ETA 0:02:40 | eval return 12.3",
+    ]
+    progress.close()  # the last step was already reported: no repeat
+    assert len(lines.getvalue().splitlines()) == 2
     terminal = _Tty()
-    bar = Progress(1000, 0, stream=terminal, interval_s=0)
-    bar.update(500, sps=50.0, eval_return=3.0)
+    now[0] = 0.0
+    bar = Progress(1000, 0, stream=terminal, clock=lambda: now[0])
+    now[0] = 10.0
+    bar.update(500, eval_return=3.0)
     bar.close()
     text = terminal.getvalue()
     assert "\r" in text and "500/1.00k" in text and "SPS=50" in text and "eval=3.0" in text
