@@ -127,6 +127,7 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path: Path, monkeypa
 # The CLI, with SAC.update poisoned at its 7th update (a subprocess: Hydra configures logging process-wide).
 POISONED_CLI = """
 import sys, torch
+from fasttd3_lora.sac import SAC
 from fasttd3_lora.train import main
 update = SAC.update
 def poisoned(self, batch):
