@@ -419,9 +419,9 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
     if any((args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_path,
             args.config_name, args.config_dir, args.experimental_rerun)):  # fmt: skip
         return list(argv)
-    check_overrides(args.overrides)
     resume = override_value(args.overrides, "resume")
     if args.multirun:  # every job is validated when it starts; the sweep gets a directory of its own
+        check_overrides(args.overrides)
         if resume is not None:
             raise ConfigError(f"resume={resume}: not allowed with --multirun (resume each run on its own)")
         hydra_overrides = [o for o in args.overrides if o.startswith("hydra.")]
