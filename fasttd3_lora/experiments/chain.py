@@ -66,31 +66,22 @@ class ChainConfig:
     lr: float = 3e-4
     tau: float = 0.02  # Polyak rate of the td target network
 
-    def __post_init__(self) -> None:
-        checks = {
-            "num_states": self.num_states >= 2,
-            "success_prob": 0.0 <= self.success_prob <= 1.0,
-            "reward_state": 0 <= self.reward_state < self.num_states,
-            "gamma": 0.0 <= self.gamma < 1.0,
-            "start_state": 0 <= self.start_state < self.num_states,
-            "ranks": len(self.ranks) > 0 and all(r >= 1 for r in self.ranks),
-            "steps": self.steps >= 1,
-            "eval_every": self.eval_every >= 1 and self.steps % self.eval_every == 0,
-            "num_seeds": self.num_seeds >= 1,
-            "buffer_size": self.buffer_size >= 1,
-            "batch_size": self.batch_size >= 1,
-            "tau": 0.0 < self.tau <= 1.0,
-            "lr": self.lr > 0.0,
+    def __post_init__(self) -> None:  # the MDP's own values are checked by build_chain_mdp
+        checks = {  # name: (valid?, what is allowed)
+            "gamma": (0.0 <= self.gamma < 1.0, "in [0, 1)"),
+            "start_state": (0 <= self.start_state < self.num_states, f"in [0, {self.num_states})"),
+            "ranks": (len(self.ranks) > 0 and all(r >= 1 for r in self.ranks), "non-empty, each >= 1"),
+            "steps": (self.steps >= 1, ">= 1"),
+            "eval_every": (self.eval_every >= 1 and self.steps % self.eval_every == 0, f"dividing steps={self.steps}"),
+            "num_seeds": (self.num_seeds >= 1, ">= 1"),
+            "buffer_size": (self.buffer_size >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "tau": (0.0 < self.tau <= 1.0, "in (0, 1]"),
+            "lr": (self.lr > 0.0, "> 0"),
         }
-        allowed = {
-            "num_states": ">= 2", "success_prob": "in [0, 1]", "reward_state": f"in [0, {self.num_states})",
-            "gamma": "in [0, 1)", "start_state": f"in [0, {self.num_states})", "ranks": "non-empty, each >= 1",
-            "steps": ">= 1", "eval_every": f">= 1 and dividing steps={self.steps}", "num_seeds": ">= 1",
-            "buffer_size": ">= 1", "batch_size": ">= 1", "tau": "in (0, 1]", "lr": "> 0",
-        }
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"ChainConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed[name]}")
+                raise ValueError(f"ChainConfig.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
     @property
     def model_names(self) -> list[str]:
@@ -303,7 +294,7 @@ def stacked_q(critics: Sequence[ChainCritic], features: Tensor) -> Tensor:
 
 
 def polyak_(target: list[Tensor], online: list[Tensor], tau: float) -> None:
-    """``θ' ← τ θ + (1 - τ) θ'`` in place, outside autograd (else every update would join an ever-growing graph)."""
+    """``θ' ← τ θ + (1 - τ) θ'`` in place, outside autograd (else each update joins an ever-growing graph)."""
     with torch.no_grad():
         torch._foreach_lerp_(target, online, tau)
 
@@ -451,7 +442,7 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     axes[0, 0].legend(fontsize=8, ncol=2)
     fig.suptitle("Chain MDP (15 states, γ=0.97): dense vs LoRA critics; mean over seeds, band = min–max")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
