@@ -4,7 +4,7 @@ One iteration = add N env transitions + sample a batch of 256 (obs 67, act 21, 1
 first), for: ours (`fasttd3_lora.replay.ReplayBuffer`), `TensorDictReplayBuffer(LazyTensorStorage)` and
 `TensorDictReplayBuffer(LazyMemmapStorage)`. Prints medians over blocks of iterations and the ratio to ours.
 
-    .venv/bin/python benchmarks/replay_sampling.py [--capacity 1000000] [--blocks 30] [--iters 100]
+    .venv/bin/python benchmarks/replay_sampling.py [--capacity 1000000] [--blocks 30] [--iters 100] [--threads N]
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=30)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--num-envs", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     prefill = make_transitions(args.prefill)
     g = torch.Generator().manual_seed(0)
