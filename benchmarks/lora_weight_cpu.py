@@ -11,8 +11,8 @@ critic's block matrices, r = 96, alpha = 96: base (512x2048, 2048x512) and large
 * compiled reference: the same call under `torch.compile(fullgraph=True)`; Inductor sees the op's body
   (it is a `triton_op`) and fuses its elementwise work around the two matmuls.
 
-The variants are timed round-robin (one call of each per repetition), so a change in the load of a shared
-machine hits all three alike; the header prints the load average. Prints the median over repetitions and
+The variants are timed round-robin (one call of each per repetition, the first one rotating), so a change in
+the load of a shared machine hits all three alike; the header prints the load average. Prints the median over repetitions and
 each variant's speed-up over "unfused".
 
     .venv/bin/python benchmarks/lora_weight_cpu.py [--reps 15] [--rank 96]
@@ -52,16 +52,17 @@ def unfused(base: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scal
 
 
 def median_ms(steps: list[Callable[[], object]], reps: int) -> list[float]:
-    """Median wall time of each step, timed round-robin after 3 warm-up rounds (compilation included there)."""
+    """Median wall time of each step, timed round-robin after 3 warm-up rounds (compilation happens there)."""
     for _ in range(3):
         for step in steps:
             step()
     times: list[list[float]] = [[] for _ in steps]
-    for _ in range(reps):
-        for step, out in zip(steps, times):
+    for rep in range(reps):
+        for k in range(len(steps)):  # rotate who goes first, so no variant always follows the same one
+            i = (rep + k) % len(steps)
             t0 = time.perf_counter()
-            step()
-            out.append(time.perf_counter() - t0)
+            steps[i]()
+            times[i].append(time.perf_counter() - t0)
     return [statistics.median(t) * 1e3 for t in times]
 
 
