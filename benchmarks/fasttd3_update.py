@@ -15,7 +15,7 @@ Prints markdown tables of medians (wall and process CPU), the LoRA / dense ratio
 8192) and bf16 / fp32 per kind. CPU only here; GPU numbers are "not measured".
 
     .venv/bin/python benchmarks/fasttd3_update.py [--scales large base] [--kinds simbav2 sparse lora]
-        [--modes fp32 bf16 bf16-compile] [--reps 3] [--threads N]
+        [--modes fp32 bf16 bf16-compile] [--reps 3] [--interleave] [--threads N]
 """
 
 from __future__ import annotations
@@ -61,26 +61,33 @@ def batch(n: int, g: torch.Generator) -> TensorDict:
     )
 
 
-def time_update(cfg: FastTD3Config, reps: int, warmup: int) -> tuple[float, float, float]:
-    """(median wall ms, median process-CPU ms of one update, seconds of the first `warmup` updates)."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    agent = FastTD3(cfg, OBS, ACT, None, cfg.num_envs, 1_000_000, "cpu", g)
-    agent.record(torch.randn(1024, OBS, generator=g))
-    batches = [batch(cfg.batch_size, g) for _ in range(2)]
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        agent.update(batches[i % 2], update_actor=True)
-    first = time.perf_counter() - t0
-    wall, cpu = [], []
+def time_updates(cfgs: list[FastTD3Config], reps: int, warmup: int) -> list[tuple[float, float, float]]:
+    """Per config: (median wall ms, median process-CPU ms of one update, seconds of the first `warmup` updates).
+    With several configs their timed updates alternate (rep 1 of each, rep 2 of each, ...), so load that drifts
+    over the run hits them alike."""
+    agents, batches, firsts = [], [], []
+    for cfg in cfgs:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        agent = FastTD3(cfg, OBS, ACT, None, cfg.num_envs, 1_000_000, "cpu", g)
+        agent.record(torch.randn(1024, OBS, generator=g))
+        batches.append([batch(cfg.batch_size, g) for _ in range(2)])
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            agent.update(batches[-1][i % 2], update_actor=True)
+        firsts.append(time.perf_counter() - t0)
+        agents.append(agent)
+    wall: list[list[float]] = [[] for _ in cfgs]
+    cpu: list[list[float]] = [[] for _ in cfgs]
     for i in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        agent.update(batches[i % 2], update_actor=True)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    del agent, batches
+        for j, agent in enumerate(agents):
+            t0, c0 = time.perf_counter(), time.process_time()
+            agent.update(batches[j][i % 2], update_actor=True)
+            wall[j].append(time.perf_counter() - t0)
+            cpu[j].append(time.process_time() - c0)
+    del agents, batches
     gc.collect()
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3, first
+    return [(statistics.median(w) * 1e3, statistics.median(c) * 1e3, f) for w, c, f in zip(wall, cpu, firsts)]
 
 
 def layer_shapes(cfg: FastTD3Config) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -162,6 +169,8 @@ def main() -> None:
     p.add_argument("--kinds", nargs="+", default=["simbav2", "sparse", "lora"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--reps", type=int, default=3, help="timed updates per cell (paper scale: ~1 min each in fp32)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every kind of a scale and mode together and alternate their timed updates")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads is not None:
@@ -174,12 +183,14 @@ def main() -> None:
             floors[scale, prec] = time_floor(cfg, dtype, args.reps)
             print(f"  {scale} floor {prec}: {floors[scale, prec][0]:.0f} ms wall", flush=True)
         for mode in args.modes:
-            for kind in args.kinds:
-                warmup = 1  # the first update compiles both steps in the compiled mode
-                results[scale, kind, mode] = time_update(recipe(kind, scale, mode), args.reps, warmup)
-                wall, cpu, first = results[scale, kind, mode]
-                print(f"  {scale} {kind:8s} {mode:13s} {wall:9.0f} ms wall {cpu:9.0f} ms cpu "
-                      f"(first {warmup}: {first:.1f} s)", flush=True)  # fmt: skip
+            # one untimed update first (in the compiled mode it compiles both steps)
+            groups = [args.kinds] if args.interleave else [[kind] for kind in args.kinds]
+            for kinds in groups:
+                timed = time_updates([recipe(kind, scale, mode) for kind in kinds], args.reps, warmup=1)
+                for kind, (wall, cpu, first) in zip(kinds, timed):
+                    results[scale, kind, mode] = wall, cpu, first
+                    print(f"  {scale} {kind:8s} {mode:13s} {wall:9.0f} ms wall {cpu:9.0f} ms cpu "
+                          f"(first: {first:.1f} s)", flush=True)  # fmt: skip
     for scale in args.scales:
         cfg = recipe("simbav2", scale)
         for col, what in ((0, "wall"), (1, "process CPU")):

@@ -3,7 +3,7 @@
 `NStepReplayBuffer.sample(8192)` over 4096 envs (obs 310, act 37: Isaac-Velocity-Rough-G1) with n = 8 (the
 locomotion recipe) and n = 1, every ring full, random terminations and time-outs (1 in 200 steps each, so windows
 get cut), against one FastTD3 update (critic + actor, paper-scale LoRA critic 1024 x 4, bf16 autocast, eager;
-measured with benchmarks/fasttd3_update.py's `time_update`, or given with --update-ms).
+measured with benchmarks/fasttd3_update.py's `time_updates`, or given with --update-ms).
 
 The capacity per env defaults to 128 steps (1.3 GiB per buffer here; the recipe's 10,240 would need 103 GiB):
 every sample is a random gather from a buffer far larger than the CPU caches either way, so the time per sample
@@ -78,9 +78,9 @@ def main() -> None:
     recipe_gib = NStepReplayBuffer(1, 1, OBS, ACT).bytes_per_transition * ENVS * 10_240 / 2**30
 
     if args.update_ms is None:
-        from fasttd3_update import recipe, time_update  # the same directory: run as a script
+        from fasttd3_update import recipe, time_updates  # the same directory: run as a script
 
-        update_ms = time_update(recipe("lora", "large", "bf16"), reps=2, warmup=1)[0]
+        update_ms = time_updates([recipe("lora", "large", "bf16")], reps=2, warmup=1)[0][0]
         how = "measured here (LoRA 1024x4, bf16 eager, median of 2)"
     else:
         update_ms, how = args.update_ms, "given with --update-ms"
