@@ -137,12 +137,17 @@ class TanhGaussianActor(nn.Module):
         self.mean_head = Head(hidden_dim, act_dim)
         self.log_std_head = Head(hidden_dim, act_dim)
 
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """Sample: obs (N, obs_dim) -> (action (N, act_dim) in (-1, 1), log_prob (N,))."""
+    def forward(self, obs: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Reparameterised sample: obs (N, obs_dim) -> (action (N, act_dim) in (-1, 1), log_prob (N,)).
+
+        `noise` (N, act_dim) standard normal lets the caller own the randomness (an agent draws it from its own
+        generator, so updates are reproducible and compiled code holds no RNG state); None draws it here.
+        The sampling math is float32 even under bf16 autocast: bf16 log-probs are too coarse.
+        """
         h = self.encoder(obs)
-        mean = self.mean_head(h)
-        log_std = bounded_log_std(self.log_std_head(h))
-        return tanh_gaussian_sample(mean, log_std, torch.randn_like(mean))
+        mean = self.mean_head(h).float()
+        log_std = bounded_log_std(self.log_std_head(h).float())
+        return tanh_gaussian_sample(mean, log_std, torch.randn_like(mean) if noise is None else noise)
 
     def deterministic_action(self, obs: Tensor) -> Tensor:
         """Evaluation / export action `tanh(mean)`."""

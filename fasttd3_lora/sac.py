@@ -33,12 +33,10 @@ from fasttd3_lora.networks import (
     CategoricalCritic,
     CriticSettings,
     TanhGaussianActor,
-    bounded_log_std,
     convert_blocks_to_lora_,
     dense_target,
     optimizer_groups,
     polyak_update_,
-    tanh_gaussian_sample,
 )
 from fasttd3_lora.normalization import RewardNormalizer, RunningMeanStd
 
@@ -47,7 +45,6 @@ __all__ = [
     "discount_from_horizon",
     "linear_lr_factor",
     "critic_target",
-    "sample_action",
     "critic_loss",
     "actor_loss",
     "temperature_loss",
@@ -191,16 +188,6 @@ def critic_target(
     return categorical_projection(probs, reward, discounts, atoms, bonus)
 
 
-def sample_action(actor: TanhGaussianActor, obs: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
-    """Reparameterised action and `log π(a|s)` (N,) of `actor` at `obs`, from the caller's standard-normal
-    `noise` (N, act_dim): the agent draws it from its own generator, so updates are reproducible and the
-    compiled loss functions hold no random state. Sampling math in float32 (bf16 log-probs are too coarse)."""
-    h = actor.encoder(obs)
-    mean = actor.mean_head(h).float()
-    log_std = bounded_log_std(actor.log_std_head(h).float())
-    return tanh_gaussian_sample(mean, log_std, noise)
-
-
 def critic_loss(
     critic: CategoricalCritic,
     target_critic: nn.Module,
@@ -220,7 +207,7 @@ def critic_loss(
     updated (DESIGN §5 order). Returns (loss, Q of the batch (E, N), detached).
     """
     with torch.no_grad():
-        next_action, next_log_prob = sample_action(actor, next_obs, noise)
+        next_action, next_log_prob = actor(next_obs, noise)
         target_logits = target_critic(next_obs, next_action)
         target = critic_target(target_logits, next_log_prob, reward, terminated, temperature, discount, critic.atoms)
     logits = critic(obs, action)
@@ -234,7 +221,7 @@ def actor_loss(
 
     Returns (loss, log π (N,)); the caller back-propagates into the actor's parameters only.
     """
-    action, log_prob = sample_action(actor, obs, noise)
+    action, log_prob = actor(obs, noise)
     q = critic.q_value(critic(obs, action)).min(dim=0).values
     return (temperature.detach() * log_prob - q).mean(), log_prob
 
@@ -359,7 +346,7 @@ class SAC:
         with self._autocast():
             if deterministic:
                 return self.actor.deterministic_action(obs).float()
-            return sample_action(self.actor, obs, self._noise(obs.shape[0], self.act_dim))[0]
+            return self.actor(obs, self._noise(obs.shape[0], self.act_dim))[0]
 
     @torch.no_grad()
     def record(self, obs: Tensor, reward: Tensor, done: Tensor) -> None:
