@@ -23,6 +23,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fasttd3_lora.fasttd3 import FastTD3Config
 from fasttd3_lora.networks import CRITIC_KINDS
 
 __all__ = [
@@ -46,9 +47,9 @@ __all__ = [
 CONFIG_MODULE = "fasttd3_lora.configs"
 CONFIG_NAME = "config"
 # The names the config accepts for algo.name and task.family; train.py maps each to its builder (and checks at
-# import that the two agree). FastTD3 and Isaac Lab join both when they land.
-ALGORITHMS = ("sac",)
-TASK_FAMILIES = ("dmc",)
+# import that the two agree).
+ALGORITHMS = ("sac", "fasttd3")
+TASK_FAMILIES = ("dmc", "isaaclab")
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 # Top-level keys a resumed run may change: they steer the run, not what is learnt (docs/training.md, "Resume").
@@ -265,16 +266,17 @@ def validate_config(cfg: DictConfig) -> None:
                 "actor_hidden_dim", "actor_num_blocks"):  # fmt: skip
         _int(cfg, f"algo.{key}", 2 if key == "num_atoms" else 1)
     _int(cfg, "algo.learning_starts", 0)
-    batch, buffer = cfg.algo.batch_size, cfg.algo.buffer_size
-    if batch > buffer:
-        raise ConfigError(f"algo.batch_size={batch}: allowed at most algo.buffer_size ({buffer})")
     _positive(cfg, "algo.lr_init")
     _positive(cfg, "algo.lr_final")
     _number(cfg, "algo.tau", 0.0, 1.0, lo_open=True, hi_open=False)
-    _positive(cfg, "algo.temperature_init")
-    _number(cfg, "algo.target_entropy_per_action_dim", float("-inf"), float("inf"), lo_open=True, hi_open=True)
-    if _get(cfg, "algo.discount") is not None:
-        _number(cfg, "algo.discount", 0.0, 1.0, lo_open=False, hi_open=True)
+    if cfg.algo.name == "sac":
+        batch, buffer = cfg.algo.batch_size, cfg.algo.buffer_size
+        if batch > buffer:  # SAC's buffer counts transitions; FastTD3's counts steps per env
+            raise ConfigError(f"algo.batch_size={batch}: allowed at most algo.buffer_size ({buffer})")
+        _positive(cfg, "algo.temperature_init")
+        _number(cfg, "algo.target_entropy_per_action_dim", float("-inf"), float("inf"), lo_open=True, hi_open=True)
+        if _get(cfg, "algo.discount") is not None:
+            _number(cfg, "algo.discount", 0.0, 1.0, lo_open=False, hi_open=True)
     v_min = _number(cfg, "algo.v_min", float("-inf"), float("inf"), lo_open=True, hi_open=True)
     v_max = _number(cfg, "algo.v_max", float("-inf"), float("inf"), lo_open=True, hi_open=True)
     if not v_min < v_max:
@@ -282,7 +284,8 @@ def validate_config(cfg: DictConfig) -> None:
     _choice(cfg, "algo.num_critics", (1, 2))
     _number(cfg, "algo.lora_weight_decay", 0.0, float("inf"), lo_open=False, hi_open=True)
     _bool(cfg, "algo.amp_bf16")
-    _bool(cfg, "algo.compile")
+    if cfg.algo.name == "sac":
+        _bool(cfg, "algo.compile")
 
     hidden = _int(cfg, "scale.critic_hidden_dim", 1)
     _int(cfg, "scale.critic_num_blocks", 1)
@@ -299,6 +302,12 @@ def validate_config(cfg: DictConfig) -> None:
         if _get(cfg, "critic.base_rank") is not None:
             _int(cfg, "critic.base_rank", 1, hidden - 1)
         _number(cfg, "critic.warmup_fraction", 0.0, 1.0, lo_open=False, hi_open=True)
+    if cfg.algo.name == "fasttd3":
+        # FastTD3Config checks the rest of its recipe (with a task family's task.fasttd3 values), one line each.
+        try:
+            FastTD3Config.from_hydra(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 # -------------------------------------------------------------------------------------------------- resume

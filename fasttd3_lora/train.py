@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -66,7 +67,8 @@ from fasttd3_lora.config import (
     override_value,
     validate_config,
 )
-from fasttd3_lora.replay import ReplayBuffer
+from fasttd3_lora.export import env_deploy_facts
+from fasttd3_lora.replay import NStepReplayBuffer, ReplayBuffer
 from fasttd3_lora.run_logging import Progress, RunLogger
 from fasttd3_lora.sac import SAC, SACConfig
 
@@ -74,6 +76,7 @@ if TYPE_CHECKING:
     from torchrl.envs import EnvBase
 
     from fasttd3_lora.tasks.dmc import DMCEnv
+    from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
 
 __all__ = ["EXIT_CONFIG", "EXIT_NONFINITE", "NonFiniteError", "Counters", "episode_seed", "evaluate", "train", "main"]
 
@@ -124,12 +127,31 @@ def make_dmc_envs(cfg: DictConfig) -> tuple[DMCEnv, DMCEnv]:
     return envs(cfg.algo.num_envs, None), envs(cfg.eval_episodes, 0)
 
 
-# algo.name -> agent and replay builder; task.family -> (training envs, evaluation envs). FastTD3 and Isaac Lab
-# join here.
-AGENT_BUILDERS: dict[str, Callable[..., tuple[Agent, ReplayBuffer]]] = {"sac": build_sac}
-ENV_BUILDERS: dict[str, Callable[[DictConfig], tuple[EnvBase, EnvBase]]] = {"dmc": make_dmc_envs}
-if set(AGENT_BUILDERS) != set(ALGORITHMS) or set(ENV_BUILDERS) != set(TASK_FAMILIES):
-    raise ImportError("fasttd3_lora.train's builders and fasttd3_lora.config's ALGORITHMS / TASK_FAMILIES disagree")
+def make_isaaclab_envs(cfg: DictConfig) -> tuple[IsaacLabEnv, IsaacLabEnv]:
+    """The Isaac Lab env, twice: Isaac Lab allows one env per process (its simulation context is a singleton),
+    so evaluation runs on the training env (the loop restarts the training episodes after it)."""
+    from fasttd3_lora.tasks import isaaclab  # looked up at call time: tests swap in a stand-in factory
+
+    task = cfg.task
+    try:
+        env = isaaclab.make_isaaclab_env(task.name, cfg.algo.num_envs, cfg.seed, cfg.device, task.physics, task.headless)
+    except isaaclab.IsaacLabUnavailable as err:
+        raise ConfigError(str(err)) from None  # one line, exit 2
+    return env, env
+
+
+def _train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> Counters:
+    from fasttd3_lora.loops.fasttd3 import train_fasttd3  # that module builds on this one's shared pieces
+
+    return train_fasttd3(cfg, run_dir, overrides)
+
+
+# algo.name -> its training loop; task.family -> (training envs, evaluation envs).
+LOOPS: dict[str, Callable[[DictConfig, str | Path, Sequence[str]], Counters]] = {}
+ENV_BUILDERS: dict[str, Callable[[DictConfig], tuple[EnvBase, EnvBase]]] = {
+    "dmc": make_dmc_envs,
+    "isaaclab": make_isaaclab_envs,
+}
 
 
 @dataclasses.dataclass
@@ -158,10 +180,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_episodes(env: EnvBase, seed: int, env_step: int) -> Tensor:
-    """Reset every env from the seed of this step; returns the first observations."""
+def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
+    """Reset every env from the seed of this step; returns the reset TensorDict (first observations)."""
     env.set_seed(episode_seed(seed, env_step, stream=0))
-    return env.reset()["observation"]
+    return env.reset()
 
 
 @torch.no_grad()
@@ -213,16 +235,21 @@ def checkpoint_state(
     overrides: Sequence[str],
     counters: Counters,
     agent: Agent,
-    replay: ReplayBuffer | None,
+    replay: ReplayBuffer | NStepReplayBuffer | None,
     generator: torch.Generator,
+    env_facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything an exact resume needs, as plain containers and tensors (docs/training.md, "Checkpoints")."""
+    """Everything an exact resume needs, as plain containers and tensors (docs/training.md, "Checkpoints");
+    `env_facts` (`export.env_deploy_facts` of the training env) lets export run without rebuilding the env."""
     agent_state = agent.state_dict()
     bad = find_nonfinite(agent_state)
     if bad is not None:
         raise NonFiniteError(f"non-finite agent state {bad} at env_step {counters.env_step}")
+    meta = {"config": cfg, "overrides": list(overrides), "counters": dataclasses.asdict(counters)}
+    if env_facts is not None:
+        meta["env"] = env_facts
     return {
-        "meta": {"config": cfg, "overrides": list(overrides), "counters": dataclasses.asdict(counters)},
+        "meta": meta,
         "agent": agent_state,
         "replay": None if replay is None else replay.state_dict(),
         "rng": capture_rng(generator),
@@ -233,7 +260,14 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     """Run (or, with `cfg.resume`, continue) one training run writing into `run_dir`; returns the final counters.
 
     `overrides` are the command-line overrides that produced `cfg`; checkpoints store them so that
-    `resume=<run dir>` rebuilds the same config."""
+    `resume=<run dir>` rebuilds the same config. Dispatches on `cfg.algo.name` (`LOOPS`)."""
+    if cfg.algo.name == "sac" and cfg.task.family != "dmc":
+        raise ConfigError(f"task.family={cfg.task.family!r}: SAC runs dmc tasks only; use algo=fasttd3")
+    return LOOPS[cfg.algo.name](cfg, run_dir, overrides)
+
+
+def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> Counters:
+    """The SAC loop of `train` (module docstring)."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / CHECKPOINT_DIR
     algo = cfg.algo
@@ -254,7 +288,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         stack.callback(env.close)
         stack.callback(eval_env.close)
         obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
-        agent, replay = AGENT_BUILDERS[algo.name](cfg, obs_dim, act_dim, total_updates, device, generator)
+        agent, replay = build_sac(cfg, obs_dim, act_dim, total_updates, device, generator)
+        env_facts = env_deploy_facts(env)
         counters, updates_from = Counters(), algo.learning_starts
         if resume is not None:
             counters = Counters(**resume["meta"]["counters"])
@@ -283,7 +318,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
 
         def save(path: Path, with_replay: bool) -> None:
             counters.wall_time = wall_time()
-            state = checkpoint_state(resolved, overrides, counters, agent, replay if with_replay else None, generator)
+            state = checkpoint_state(
+                resolved, overrides, counters, agent, replay if with_replay else None, generator, env_facts
+            )
             save_checkpoint(path, state)
             # Continue from exactly what was saved, as a resumed run does: modules may hold derived state that no
             # state_dict carries (LoRALinear caches the W_eff of its fused projection; recomputed from the saved
@@ -294,7 +331,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             save(ckpt_dir / LATEST, cfg.save_buffer)  # the guard's last finite state exists from the start
         checkpoint_step = counters.env_step
         num_envs = algo.num_envs
-        obs = start_episodes(env, cfg.seed, counters.env_step)
+        obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
         episode_return = torch.zeros(num_envs)
         metrics = UpdateMetrics()
         row_step, row_time = counters.env_step, time.monotonic()
@@ -367,7 +404,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                     if evaluation and cfg.keep_eval_checkpoints:
                         copy_checkpoint(ckpt_dir / LATEST, ckpt_dir / f"step_{counters.env_step}.pt")
                     if not end:
-                        obs = start_episodes(env, cfg.seed, counters.env_step)
+                        obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
                         episode_return.zero_()
                 row_time += time.monotonic() - paused
                 progress.update(counters.env_step)
@@ -386,6 +423,11 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         final = f" | last eval return {counters.last_eval_return:.1f}" if counters.last_eval_return is not None else ""
         progress.write(f"done: env_step {counters.env_step}{final} | run dir {run_dir}")
     return counters
+
+
+LOOPS.update(sac=train_sac, fasttd3=_train_fasttd3)
+if set(LOOPS) != set(ALGORITHMS) or set(ENV_BUILDERS) != set(TASK_FAMILIES):
+    raise ImportError("fasttd3_lora.train's builders and fasttd3_lora.config's ALGORITHMS / TASK_FAMILIES disagree")
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -464,6 +506,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv = prepare_command_line(argv)
     except (ConfigError, CheckpointError) as err:
         _fail(EXIT_CONFIG, err)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # torchrun: rank 0 owns the run directory (and names it); the other ranks write nothing there, and a
+        # directory of their own keeps Hydra's files from racing rank 0's (docs/fasttd3.md, "Multi-GPU").
+        scratch = tempfile.mkdtemp(prefix=f"fasttd3-rank{os.environ['RANK']}-")
+        argv = [*drop_override(argv, "hydra.run.dir"), f"hydra.run.dir={_quote(scratch)}"]
     sys.argv = [sys.argv[0], *argv]  # Hydra reads its command line from sys.argv
     _hydra_job()
 
