@@ -322,10 +322,6 @@ def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (
                 resolved, overrides, counters, agent, replay if with_replay else None, generator, env_facts
             )
             save_checkpoint(path, state)
-            # Continue from exactly what was saved, as a resumed run does: modules may hold derived state that no
-            # state_dict carries (LoRALinear caches the W_eff of its fused projection; recomputed from the saved
-            # A and B it differs in the last bits), and reloading rebuilds it the way a resume will.
-            agent.load_state_dict(state["agent"])
 
         if counters.env_step == 0:
             save(ckpt_dir / LATEST, cfg.save_buffer)  # the guard's last finite state exists from the start
