@@ -165,6 +165,11 @@ def train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
         how = f"resumed at env_step {counters.env_step}" if counters.env_step else "started"
         progress.write(f"{how}: {cfg.task.name}, fasttd3 with a {cfg.critic.kind} critic, {num_envs} envs x "
                        f"{world} process(es), run dir {run_dir}")  # fmt: skip
+        # DMC episodes last max_episode_steps env steps in every env at once; a checkpoint restarts them all.
+        episode_round = num_envs * world * cfg.task.max_episode_steps
+        if cfg.task.family == "dmc" and cfg.checkpoint_every % episode_round:
+            progress.write(f"note: checkpoint_every={cfg.checkpoint_every} cuts training episodes short (each "
+                           f"checkpoint restarts them); a multiple of {episode_round} (envs x episode) does not")  # fmt: skip
 
         start_time, start_wall = time.monotonic(), counters.wall_time
 
