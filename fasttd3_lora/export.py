@@ -273,11 +273,15 @@ def _facts_from_run(state: Mapping[str, Any], source: Path) -> dict[str, Any]:
     config = state["meta"]["config"]
     if family not in ENV_BUILDERS:
         raise ExportError(f"task.family={family}: no env builder to read deploy facts from; allowed {sorted(ENV_BUILDERS)}")
-    env = ENV_BUILDERS[family](OmegaConf.create(dict(config)), 1)
+    small = OmegaConf.create(dict(config))
+    small.algo.num_envs, small.eval_episodes = 1, 1  # one env of each kind is enough to ask
+    env, eval_env = ENV_BUILDERS[family](small)
     try:
         return env_deploy_facts(env)
     finally:
         env.close()
+        if eval_env is not env:
+            eval_env.close()
 
 
 # ------------------------------------------------------------------------------------------- checkpoint
