@@ -76,16 +76,28 @@ def one_thread():
 # --------------------------------------------------------------------------------------------------- DMC
 
 
-def test_dmc_command_line_trains_evaluates_checkpoints_and_exports(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "fasttd3_lora.train", *DMC_TINY, f"hydra.run.dir={run_dir}"],
-                          env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+@pytest.fixture(scope="module")
+def dmc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """One uninterrupted tiny DMC run (one torch thread, as the autouse fixture sets for the tests)."""
+    run_dir = tmp_path_factory.mktemp("dmc") / "whole"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        counters = train(compose_config(DMC_TINY), run_dir, DMC_TINY)
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir, counters
+
+
+def test_dmc_run_trains_evaluates_checkpoints_and_exports(dmc_run, tmp_path: Path) -> None:
+    run_dir, _ = dmc_run
     header, *rows = (run_dir / "metrics.csv").read_text().splitlines()
     columns = header.split(",")
     assert {"episode_return", "eval_return", "critic_loss", "actor_loss", "q_mean", "sps"} <= set(columns)
     evals = [r.split(",")[0] for r in rows if r.split(",")[columns.index("eval_return")]]
     assert evals == ["100", "200"]
+    episodes = [r.split(",")[0] for r in rows if r.split(",")[columns.index("episode_return")]]
+    assert episodes == ["100", "200"]  # 25-step episodes in lockstep: 25 agent steps x 4 envs each
 
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert state["meta"]["config"]["algo"]["name"] == "fasttd3"
@@ -103,10 +115,9 @@ class Crash(Exception):
     pass
 
 
-def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path: Path, monkeypatch) -> None:
+def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(dmc_run, tmp_path: Path, monkeypatch) -> None:
+    whole_dir, whole = dmc_run
     cfg = compose_config(DMC_TINY)
-    whole = train(cfg, tmp_path / "whole", DMC_TINY)
-
     # The same run dies at env_step 140, after updates past its checkpoint at 100; then it is resumed.
     add = UpdateMetrics.add
 
@@ -124,7 +135,7 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path: Path, mo
     assert (resumed.env_step, resumed.agent_step, resumed.last_eval_return) == (
         whole.env_step, whole.agent_step, whole.last_eval_return,
     )  # fmt: skip
-    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
+    a = load_checkpoint(whole_dir / "checkpoints" / "latest.pt")
     b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")
     for part in ("agent", "replay"):
         flat_a, flat_b = _flatten(a[part]), _flatten(b[part])
