@@ -19,7 +19,7 @@ from fasttd3_lora.export import export_checkpoint
 from fasttd3_lora.loops import fasttd3 as loop
 from fasttd3_lora.tasks import isaaclab
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
-from fasttd3_lora.train import UpdateMetrics, main, train
+from fasttd3_lora.train import UpdateMetrics, train
 
 _spec = importlib.util.spec_from_file_location("isaaclab_standin", Path(__file__).with_name("isaaclab_standin.py"))
 standin = importlib.util.module_from_spec(_spec)
