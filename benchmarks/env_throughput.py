@@ -7,6 +7,8 @@ actions and resets at episode ends:
 * ``ours``: `DMCEnv(task, N)` with its defaults (in-process for N = 1, else one worker per core), driven by
   ``step_and_maybe_reset`` like a training loop;
 * ``ours-inproc``: `DMCEnv(task, N, num_workers=0)`: the TorchRL wrapper's own cost, no workers;
+* ``raw-workers``: the same worker processes (`ProcessPool` of `DMCSlice`, one per core, at most N) driven with
+  numpy, without TorchRL: what the process design gives before any TensorDict is built;
 * ``torchrl``: TorchRL's ``ParallelEnv(N, DMControlEnv)`` (capped to a few seconds per repeat: it is slow).
 
 Each repeat runs about ``--seconds`` of steps; the table shows the median steps/s over ``--repeats`` and the
@@ -31,6 +33,8 @@ import torch
 from dm_control import suite
 
 from fasttd3_lora.tasks.dmc import DMCEnv, parse_dmc_task
+from fasttd3_lora.tasks.dmc_slice import DMCSlice, result_views, slice_bounds
+from fasttd3_lora.tasks.vector_workers import ProcessPool
 
 
 def steps_per_s(step_block: Callable[[int], None], n_envs: int, repeats: int, seconds: float) -> float:
@@ -90,6 +94,29 @@ def ours(task: str, n: int, repeats: int, seconds: float, num_workers: int | Non
     return drive(env, actions, repeats, seconds)
 
 
+def raw_workers(task: str, n: int, repeats: int, seconds: float) -> float:
+    domain, name = parse_dmc_task(task)
+    bounds = slice_bounds(n, min(n, os.cpu_count() or 1))
+    factories = [functools.partial(DMCSlice, domain, name, 0, lo, hi - lo, 1, None) for lo, hi in bounds]
+    pool = ProcessPool(factories, methods=("step", "reset"), name=task)
+    info = pool.infos[0]
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(info["action_low"], info["action_high"], size=(256, n, len(info["action_low"])))
+    pool.call("reset", [np.ones(hi - lo, dtype=bool) for lo, hi in bounds])
+
+    def block(k: int) -> None:
+        for t in range(k):
+            replies = pool.call("step", [actions[t % 256, lo:hi] for lo, hi in bounds])
+            over = [result_views(r, hi - lo, info["obs_dim"])[3].copy() for r, (lo, hi) in zip(replies, bounds)]
+            if any(m.any() for m in over):
+                pool.call("reset", over)
+
+    try:
+        return steps_per_s(block, n, repeats, seconds)
+    finally:
+        pool.close()
+
+
 def torchrl_parallel(task: str, n: int, repeats: int, seconds: float) -> float:
     from torchrl.envs import DMControlEnv, ParallelEnv
 
@@ -114,7 +141,7 @@ def main() -> None:
           f"python {platform.python_version()}  torch {torch.__version__}")
     print(f"# load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
           f"median of {args.repeats} repeats of ~{args.seconds:g} s, action repeat 1")
-    cols = ["plain", "ours", "ours-inproc"] + ([] if args.skip_torchrl else ["torchrl"])
+    cols = ["plain", "ours", "ours-inproc", "raw-workers"] + ([] if args.skip_torchrl else ["torchrl"])
     print("| task | N | " + " | ".join(f"{c} steps/s" for c in cols) + " | " + " | ".join(
         f"{c} / plain" for c in cols[1:]) + " |")
     print("|---|---:|" + "---:|" * (2 * len(cols) - 1))
@@ -123,7 +150,8 @@ def main() -> None:
         for n in args.num_envs:
             rates = {"plain": plain(task, n, args.repeats, args.seconds),
                      "ours": ours(task, n, args.repeats, args.seconds, None),
-                     "ours-inproc": ours(task, n, args.repeats, args.seconds, 0)}
+                     "ours-inproc": ours(task, n, args.repeats, args.seconds, 0),
+                     "raw-workers": raw_workers(task, n, args.repeats, args.seconds)}
             if not args.skip_torchrl:
                 rates["torchrl"] = torchrl_parallel(task, n, args.repeats, args.seconds)
             base = rates["plain"]
