@@ -376,6 +376,7 @@ while True:  # "interrupt": step until the test sends SIGINT
 """
 
 
+@pytest.mark.slow
 def test_no_orphan_workers_when_the_parent_dies():
     # The three parents run side by side (each spends seconds importing torch); their workers must all go.
     modes = ("sigkill", "raise", "interrupt")
