@@ -65,6 +65,9 @@ def time_updates(cfgs: list[FastTD3Config], reps: int, warmup: int) -> list[tupl
     """Per config: (median wall ms, median process-CPU ms of one update, seconds of the first `warmup` updates).
     With several configs their timed updates alternate (rep 1 of each, rep 2 of each, ...), so load that drifts
     over the run hits them alike."""
+    # Dynamo compiles `Optimizer.step` once per optimiser object and stops compiling that frame after
+    # `recompile_limit` (8) entries, i.e. after 4 agents in one process; start each group from a clean cache.
+    torch._dynamo.reset()
     agents, batches, firsts = [], [], []
     for cfg in cfgs:
         torch.manual_seed(0)
@@ -181,7 +184,8 @@ def main() -> None:
         cfg = recipe("simbav2", scale)
         for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             floors[scale, prec] = time_floor(cfg, dtype, args.reps)
-            print(f"  {scale} floor {prec}: {floors[scale, prec][0]:.0f} ms wall", flush=True)
+            print(f"  {scale} floor {prec}: {floors[scale, prec][0]:.0f} ms wall {floors[scale, prec][1]:.0f} ms cpu",
+                  flush=True)  # fmt: skip
         for mode in args.modes:
             # one untimed update first (in the compiled mode it compiles both steps)
             groups = [args.kinds] if args.interleave else [[kind] for kind in args.kinds]
