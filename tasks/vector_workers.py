@@ -186,7 +186,7 @@ class ProcessPool:
     def call(self, method: str, payloads: Sequence[Any]) -> list[memoryview]:
         """Run ``method(payloads[k])`` in worker k for every k; returns the replies in worker order."""
         if self._closed:
-            raise WorkerError(f"{self.name}: the worker pool is closed")
+            raise WorkerError(f"{self.name}: the pool is closed")
         header = bytes([self._codes[method]]).ljust(_HEADER, b"\0")
         try:
             for k, (conn, payload) in enumerate(zip(self._conns, payloads, strict=True)):
@@ -216,6 +216,8 @@ class LocalPool:
         self.pids: list[int] = []
 
     def call(self, method: str, payloads: Sequence[Any]) -> list[Any]:
+        if not self._objs:
+            raise WorkerError(f"{self.name}: the pool is closed")
         if method not in self._methods:
             raise KeyError(method)
         return [getattr(obj, method)(payload) for obj, payload in zip(self._objs, payloads, strict=True)]

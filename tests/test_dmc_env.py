@@ -352,12 +352,16 @@ def test_hung_worker_times_out_instead_of_hanging():
     env.close()
 
 
-def test_close_and_context_manager_end_the_workers():
-    with DMCEnv("dmc/cheetah-run", 2, seed=0) as env:
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_close_and_context_manager_end_the_workers(num_workers):
+    with DMCEnv("dmc/cheetah-run", 2, seed=0, num_workers=num_workers) as env:
+        td = env.reset()
         pids = env.worker_pids
-        assert len(pids) == 2 and not any(pid_gone(p) for p in pids)
+        assert len(pids) == num_workers and not any(pid_gone(p) for p in pids)
     assert wait_gone(pids)
     env.close()  # idempotent
+    with pytest.raises(WorkerError, match="dmc/cheetah-run: the pool is closed"):
+        env.rand_step(td)
 
 
 _SCRIPT = """
