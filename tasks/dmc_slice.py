@@ -1,7 +1,7 @@
 """A contiguous slice of DeepMind Control environments, stepped with numpy only.
 
 This is the unit of work of one worker process of `fasttd3_lora.tasks.dmc.DMCEnv` (or of the parent itself when
-it runs in-process). It never imports torch, so a worker has no torch thread pool to pin.
+it runs in-process). It runs numpy and the simulator only, no torch ops.
 
 Every method takes a bytes-like payload and returns the same result buffer, laid out by `result_views`:
 ``[observation float32 (n, obs_dim)] [reward float32 (n,)] [terminated bool (n,)] [truncated bool (n,)]``.
@@ -110,7 +110,10 @@ class DMCSlice:
             row[slot] = np.ravel(observation[key])
 
     def step(self, payload: Any) -> memoryview:
-        """Step every env with its action (float64, already in the task's bounds), repeating it."""
+        """Step every env with its action (float64, already in the task's bounds), repeating it.
+
+        No env may be past its episode end (dm_control would silently reset it): `DMCEnv` checks that first.
+        """
         actions = np.frombuffer(payload, dtype=np.float64).reshape(len(self._envs), -1)
         for i, env in enumerate(self._envs):
             total = 0.0
