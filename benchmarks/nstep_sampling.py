@@ -2,8 +2,8 @@
 
 `NStepReplayBuffer.sample(8192)` over 4096 envs (obs 310, act 37: Isaac-Velocity-Rough-G1) with n = 8 (the
 locomotion recipe) and n = 1, every ring full, random terminations and time-outs (1 in 200 steps each, so windows
-get cut), against one FastTD3 update (critic + actor, paper-scale LoRA critic 1024 x 4, bf16 autocast, eager;
-measured with benchmarks/fasttd3_update.py's `time_updates`, or given with --update-ms).
+get cut), against the process-CPU time of one FastTD3 update (critic + actor, paper-scale LoRA critic 1024 x 4, bf16
+autocast, eager; measured with benchmarks/fasttd3_update.py's `time_updates`, or given with --update-ms).
 
 The capacity per env defaults to 128 steps (1.3 GiB per buffer here; the recipe's 10,240 would need 103 GiB):
 every sample is a random gather from a buffer far larger than the CPU caches either way, so the time per sample
@@ -60,7 +60,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--capacity", type=int, default=128, help="steps per env ring")
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--update-ms", type=float, default=None, help="skip measuring the update, use this wall time")
+    p.add_argument("--update-ms", type=float, default=None,
+                   help="skip measuring the update: process-CPU ms of one update (e.g. from fasttd3_update.py)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads is not None:
@@ -80,18 +81,18 @@ def main() -> None:
     if args.update_ms is None:
         from fasttd3_update import recipe, time_updates  # the same directory: run as a script
 
-        update_ms = time_updates([recipe("lora", "large", "bf16")], reps=2, warmup=1)[0][0]
+        update_ms = time_updates([recipe("lora", "large", "bf16")], reps=2, warmup=1)[0][1]
         how = "measured here (LoRA 1024x4, bf16 eager, median of 2)"
     else:
         update_ms, how = args.update_ms, "given with --update-ms"
     print(f"\n# n-step sampling, {ENVS} envs x {args.capacity} steps, batch {BATCH}, obs {OBS}, act {ACT}; torch "
           f"{torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, {datetime.date.today()}; "
-          f"median of {args.reps} samples; one update {update_ms:.0f} ms ({how}); the recipe's 10,240 steps per env "
+          f"median of {args.reps} samples; one update {update_ms:.0f} ms CPU ({how}); the recipe's 10,240 steps per env "
           f"would take {recipe_gib:.0f} GiB")  # fmt: skip
-    print("| n | buffer (GiB) | sample wall (ms) | sample CPU (ms) | sample / update |")
+    print("| n | buffer (GiB) | sample wall (ms) | sample CPU (ms) | sample CPU / update CPU |")
     print("|---|---|---|---|---|")
     for n, gib, wall, cpu in rows:
-        print(f"| {n} | {gib:.2f} | {wall:.1f} | {cpu:.1f} | {wall / update_ms:.4f} |")
+        print(f"| {n} | {gib:.2f} | {wall:.1f} | {cpu:.1f} | {cpu / update_ms:.4f} |")
 
 
 if __name__ == "__main__":
