@@ -253,7 +253,14 @@ def test_isaaclab_without_isaac_lab_is_one_line_and_exit_2(tmp_path) -> None:
 
 def test_sac_on_isaaclab_is_refused_in_one_line(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"^task.family='isaaclab': SAC runs dmc tasks only"):
-        train(compose_config(["task=Isaac-Velocity-Flat-H1-v0"]), tmp_path)
+        train(compose_config(["task=Isaac-Velocity-Flat-H1-v0", "algo=sac"]), tmp_path)
+
+
+def test_an_isaaclab_task_selects_fasttd3_unless_told_otherwise() -> None:
+    # `docker compose run --rm train task=Isaac-...` names only the task (configs/task/_isaaclab.yaml).
+    assert compose_config(["task=Isaac-Velocity-Rough-G1-v0"]).algo.name == "fasttd3"
+    assert compose_config(["task=Isaac-Velocity-Rough-G1"]).algo.name == "fasttd3"
+    assert compose_config(["task=dmc/cheetah-run"]).algo.name == "sac"
 
 
 def test_bad_fasttd3_value_is_a_config_error() -> None:
