@@ -12,7 +12,8 @@ actions and resets at episode ends:
 * ``torchrl``: TorchRL's ``ParallelEnv(N, DMControlEnv)`` (capped to a few seconds per repeat: it is slow).
 
 Each repeat runs about ``--seconds`` of steps; the table shows the median steps/s over ``--repeats`` and the
-ratio to ``plain``. The load average is printed before and after: run it on a machine as quiet as you can.
+ratio to ``plain``. The load average is printed before, after each row and at the end: run it on a machine as
+quiet as you can.
 
     .venv/bin/python benchmarks/env_throughput.py [--tasks cheetah-run humanoid-walk] [--num-envs 1 2 8]
 """
@@ -143,8 +144,8 @@ def main() -> None:
           f"median of {args.repeats} repeats of ~{args.seconds:g} s, action repeat 1")
     cols = ["plain", "ours", "ours-inproc", "raw-workers"] + ([] if args.skip_torchrl else ["torchrl"])
     print("| task | N | " + " | ".join(f"{c} steps/s" for c in cols) + " | " + " | ".join(
-        f"{c} / plain" for c in cols[1:]) + " |")
-    print("|---|---:|" + "---:|" * (2 * len(cols) - 1))
+        f"{c} / plain" for c in cols[1:]) + " | load after row |")
+    print("|---|---:|" + "---:|" * (2 * len(cols) - 1) + "---:|")
     for short in args.tasks:
         task = f"dmc/{short}"
         for n in args.num_envs:
@@ -156,7 +157,8 @@ def main() -> None:
                 rates["torchrl"] = torchrl_parallel(task, n, args.repeats, args.seconds)
             base = rates["plain"]
             print(f"| {short} | {n} | " + " | ".join(f"{rates[c]:,.0f}" for c in cols) + " | "
-                  + " | ".join(f"{rates[c] / base:.2f}x" for c in cols[1:]) + " |", flush=True)
+                  + " | ".join(f"{rates[c] / base:.2f}x" for c in cols[1:]) + f" | {os.getloadavg()[0]:.1f} |",
+                  flush=True)
     load_after = os.getloadavg()
     print(f"# load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
 
