@@ -77,7 +77,9 @@ class DMCEnv(EnvBase):
 
     `seed=None` draws the base seed from torch's global generator (so ``torch.manual_seed`` makes runs
     reproducible). `num_workers=None` means one worker per CPU core, at most one per env, and none (in-process)
-    for a single env. `timeout_s` bounds the wait for any worker reply.
+    for a single env; workers pay only when each has several expensive steps per batch step (measured on 2 vCPUs:
+    humanoid N = 8 gains 1.2x over ``num_workers=0``, cheetah loses at every N; docs/env_throughput.md).
+    `timeout_s` bounds the wait for any worker reply.
     """
 
     def __init__(
