@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from fasttd3_lora.hypersphere import Projected, SphericalLinear, check_ensemble, check_positive_int
+from fasttd3_lora.hypersphere import Projected, SphericalLinear, check_ensemble, check_positive_int, linear
 from fasttd3_lora.kernels import cached_lora_weight, lora_weight
 
 __all__ = [
@@ -237,9 +237,9 @@ class LoRALinear(Projected):
         # the same side either way.)
         rows = x.shape[-2] if self.ensemble is not None and x.dim() >= 2 else x[..., 0].numel()
         if rows > self.in_features * self.out_features / (self.in_features + self.out_features):
-            return x @ self.effective_weight().mT
-        low_rank = self.scale * ((x @ self.lora_A.mT) @ self.lora_B.mT)
-        return x @ self.base.mT + low_rank if self.use_base else low_rank
+            return linear(x, self.effective_weight())
+        low_rank = self.scale * linear(linear(x, self.lora_A), self.lora_B)
+        return linear(x, self.base) + low_rank if self.use_base else low_rank
 
     def _cache_key(self) -> tuple[int, ...]:
         """Changes whenever W0, A or B change in place (optimiser step, load_state_dict) or are replaced (.to())."""
