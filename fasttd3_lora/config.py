@@ -56,6 +56,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 RESUME_MAY_CHANGE = (
     "total_env_steps", "eval_every", "eval_episodes", "checkpoint_every", "save_buffer",
     "keep_eval_checkpoints", "resume", "logger", "wandb", "device",
+    "algo.compile", "algo.compile_mode",  # how the same math is executed, not what it computes
 )  # fmt: skip
 _LIST_AT_MOST = 12  # a group with more options than this is answered with close matches only
 _MISSING = object()  # OmegaConf.select's default for "no such key" (None is a legal value)
@@ -339,7 +340,7 @@ def check_resume_compatible(cfg: Mapping[str, Any], saved: Mapping[str, Any]) ->
     """A resumed run may change only `RESUME_MAY_CHANGE`; anything else would not continue the same run."""
     now, before = _flatten(cfg), _flatten(saved)
     for key in sorted(set(now) | set(before)):
-        if key.split(".")[0] in RESUME_MAY_CHANGE or now.get(key, _MISSING) == before.get(key, _MISSING):
+        if key in RESUME_MAY_CHANGE or key.split(".")[0] in RESUME_MAY_CHANGE or now.get(key, _MISSING) == before.get(key, _MISSING):
             continue
         raise ConfigError(
             f"{key}={now.get(key, '<absent>')!r}: a resumed run must keep the checkpoint's value "

@@ -171,6 +171,8 @@ def test_resume_may_change_run_control_keys_only(default_cfg) -> None:
     saved = OmegaConf.to_container(default_cfg, resolve=True)
     changed = dict(saved, total_env_steps=2_000_000, logger="wandb", wandb=dict(saved["wandb"], mode="online"))
     check_resume_compatible(changed, saved)
+    changed["algo"] = dict(saved["algo"], compile=not saved["algo"]["compile"])  # execution only, same math
+    check_resume_compatible(changed, saved)
     changed["algo"] = dict(saved["algo"], lr_init=2e-4)
     with pytest.raises(ConfigError, match=r"^algo\.lr_init=0\.0002: a resumed run must keep the checkpoint's value 0\.0001"):
         check_resume_compatible(changed, saved)
