@@ -7,9 +7,8 @@ Isaac-Velocity-Rough-G1-v0: obs 310, act 37, batch 8192, 251 atoms, actor 256 x 
 `large` (1024 x 4 blocks, the paper's) and `base` (512 x 2), for the dense (simbav2), sparse and lora critics, in
 fp32 eager, bf16-autocast eager and bf16 compiled (`compile_mode=default`, Inductor).
 
-The floor is the update's matmuls alone, on preallocated tensors of the same dtype: actor forward x2 (target
-actions, actor step) with one input- and one weight-gradient backward, twin-critic forward x3 (target, critic
-step, actor step), critic input-gradient backward x2 and weight-gradient backward x1, all with dense shapes.
+The floor is the update's matmuls alone, on preallocated tensors of the same dtype (benchmarks/update_floor.py
+lists them).
 
 Prints markdown tables of medians (wall and process CPU), the LoRA / dense ratio per mode (target <= 1.05 at batch
 8192) and bf16 / fp32 per kind. CPU only here; GPU numbers are "not measured".
@@ -33,7 +32,7 @@ from hydra import compose, initialize_config_module
 from tensordict import TensorDict
 
 from fasttd3_lora.fasttd3 import FastTD3, FastTD3Config
-from fasttd3_lora.simbav2 import EXPANSION
+from update_floor import layer_shapes, matmul_floor
 
 TASK, OBS, ACT = "Isaac-Velocity-Rough-G1-v0", 310, 37
 MODES = ("fp32", "bf16", "bf16-compile")
@@ -93,53 +92,11 @@ def time_updates(cfgs: list[FastTD3Config], reps: int, warmup: int) -> list[tupl
     return [(statistics.median(w) * 1e3, statistics.median(c) * 1e3, f) for w, c, f in zip(wall, cpu, firsts)]
 
 
-def layer_shapes(cfg: FastTD3Config) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(in, out) of every matrix of one critic member and of the actor, as DESIGN §1 builds them."""
-    d, a = cfg.critic_hidden_dim, cfg.actor_hidden_dim
-    critic = [(OBS + ACT + 1, d)] + [(d, EXPANSION * d), (EXPANSION * d, d)] * cfg.critic_num_blocks
-    critic += [(d, d), (d, cfg.num_atoms)]
-    actor = [(OBS + 1, a)] + [(a, EXPANSION * a), (EXPANSION * a, a)] * cfg.actor_num_blocks + [(a, a), (a, ACT)]
-    return critic, actor
-
-
 def time_floor(cfg: FastTD3Config, dtype: torch.dtype, reps: int) -> tuple[float, float]:
-    """Median (wall, process-CPU) ms of the update's matmuls alone (see the module docstring for the list)."""
-    n, e = cfg.batch_size, cfg.num_critics
-    critic_shapes, actor_shapes = layer_shapes(cfg)
-
-    def tensors(shapes: list[tuple[int, int]], members: int) -> list[tuple[torch.Tensor, ...]]:
-        return [
-            (torch.randn(members, o, i, dtype=dtype), torch.randn(members, n, i, dtype=dtype),
-             torch.randn(members, n, o, dtype=dtype))
-            for i, o in shapes
-        ]  # fmt: skip
-
-    critic, actor = tensors(critic_shapes, e), tensors(actor_shapes, 1)
-
-    def forward(layers) -> None:
-        for w, x, _ in layers:
-            torch.bmm(x, w.mT)
-
-    def grad_input(layers) -> None:
-        for w, _, gy in layers:
-            torch.bmm(gy, w)
-
-    def grad_weight(layers) -> None:
-        for _, x, gy in layers:
-            torch.bmm(gy.mT, x)
-
-    def step() -> None:
-        forward(actor), forward(critic), forward(critic), grad_input(critic), grad_weight(critic)  # critic step
-        forward(actor), forward(critic), grad_input(critic), grad_input(actor), grad_weight(actor)  # actor step
-
-    step()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+    """Median (wall, process-CPU) ms of the update's matmuls alone (update_floor.py)."""
+    critic, actor = layer_shapes(OBS, ACT, cfg.critic_hidden_dim, cfg.critic_num_blocks, cfg.num_atoms,
+                                 cfg.actor_hidden_dim, cfg.actor_num_blocks, actor_heads=1)  # fmt: skip
+    return matmul_floor(critic, actor, cfg.batch_size, cfg.num_critics, dtype, reps)
 
 
 def table(scale: str, kinds: list[str], modes: list[str], results: dict, floors: dict, col: int, what: str,

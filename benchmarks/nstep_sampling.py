@@ -18,13 +18,12 @@ import argparse
 import datetime
 import gc
 import platform
-import statistics
-import time
 
 import torch
 from tensordict import TensorDict
 
 from fasttd3_lora.replay import NStepReplayBuffer
+from update_floor import median_ms
 
 ENVS, OBS, ACT, BATCH = 4096, 310, 37, 8192
 
@@ -47,13 +46,7 @@ def time_sampling(rb: NStepReplayBuffer, reps: int, g: torch.Generator) -> tuple
     """Median (wall, process-CPU) ms of one `sample(BATCH)`."""
     for _ in range(3):
         rb.sample(BATCH, g)
-    wall, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        rb.sample(BATCH, g)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+    return median_ms(lambda: rb.sample(BATCH, g), reps)
 
 
 def main() -> None:

@@ -3,9 +3,8 @@
 One `SAC.update` (actor, temperature, critic, target EMA, with the projections) at the base scale of the
 recipe (configs: critic 512 x 2 blocks, actor 128 x 1, batch 256, 101 atoms; obs 67, act 21 as humanoid),
 for simbav2 (dense), sparse and lora, in fp32 and bf16 autocast, eager and `torch.compile` (SACConfig.compile).
-The floor is the same update's matmuls alone, run bare on preallocated tensors in the same dtype: actor
-forward x2 and backward (input + weight gradients), critic forward x3 (actor step, target, critic step),
-critic input-gradient backward x2 and weight-gradient backward x1, all with dense shapes.
+The floor is the same update's matmuls alone, run bare on preallocated tensors in the same dtype
+(benchmarks/update_floor.py lists them).
 
 Prints a table of medians, the LoRA / dense ratio per mode (target <= 1.10) and the best mode's time over
 the floor (target <= 2x).
@@ -18,8 +17,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import platform
-import statistics
 import time
 
 import torch
@@ -27,7 +26,7 @@ from hydra import compose, initialize_config_module
 from tensordict import TensorDict
 
 from fasttd3_lora.sac import SAC, SACConfig
-from fasttd3_lora.simbav2 import EXPANSION
+from update_floor import layer_shapes, matmul_floor, median_ms
 
 OBS, ACT, MAX_EPISODE_STEPS = 67, 21, 1000
 MODES = ("fp32-eager", "bf16-eager", "fp32-compile", "bf16-compile")
@@ -55,78 +54,26 @@ def batch(n: int, g: torch.Generator) -> TensorDict:
 
 def time_update(kind: str, mode: str, reps: int, warmup: int) -> tuple[float, float, float]:
     """(median wall ms of one update, median process-CPU ms of one update, seconds of the first `warmup`
-    updates, i.e. compilation). CPU time is the steadier number on a shared machine when run with one thread."""
+    updates, i.e. compilation)."""
     cfg = recipe(kind, mode)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     agent = SAC(cfg, OBS, ACT, cfg.num_envs, 1_000_000, "cpu", g)
     agent.record(torch.randn(64, OBS, generator=g), torch.randn(cfg.num_envs, generator=g),
                  torch.zeros(cfg.num_envs, dtype=torch.bool))  # fmt: skip
-    batches = [batch(cfg.batch_size, g) for _ in range(4)]
+    batches = iter(itertools.cycle([batch(cfg.batch_size, g) for _ in range(4)]))
     t0 = time.perf_counter()
-    for i in range(warmup):
-        agent.update(batches[i % 4])
+    for _ in range(warmup):
+        agent.update(next(batches))
     first = time.perf_counter() - t0
-    wall, cpu = [], []
-    for i in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        agent.update(batches[i % 4])
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3, first
-
-
-def layer_shapes(cfg: SACConfig) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(in, out) of every matrix of the critic (one member) and of the actor, as DESIGN §1 builds them."""
-    d, a = cfg.critic_hidden_dim, cfg.actor_hidden_dim
-    critic = [(OBS + ACT + 1, d)] + [(d, EXPANSION * d), (EXPANSION * d, d)] * cfg.critic_num_blocks
-    critic += [(d, d), (d, cfg.num_atoms)]
-    actor = [(OBS + 1, a)] + [(a, EXPANSION * a), (EXPANSION * a, a)] * cfg.actor_num_blocks
-    actor += [(a, a), (a, ACT)] * 2  # mean and log-std heads
-    return critic, actor
+    return (*median_ms(lambda: agent.update(next(batches)), reps), first)
 
 
 def time_floor(cfg: SACConfig, dtype: torch.dtype, reps: int) -> tuple[float, float]:
-    """Median (wall, process-CPU) ms of the update's matmuls alone (see the module docstring for the list)."""
-    n, e = cfg.batch_size, cfg.num_critics
-    critic, actor = layer_shapes(cfg)
-
-    def tensors(shapes: list[tuple[int, int]], members: int) -> list[tuple[torch.Tensor, ...]]:
-        out = []
-        for i, o in shapes:
-            w = torch.randn(members, o, i, dtype=dtype)
-            x = torch.randn(members, n, i, dtype=dtype)
-            gy = torch.randn(members, n, o, dtype=dtype)
-            out.append((w, x, gy))
-        return out
-
-    c, a = tensors(critic, e), tensors(actor, 1)
-
-    def forward(layers) -> None:
-        for w, x, _ in layers:
-            torch.bmm(x, w.mT)
-
-    def grad_input(layers) -> None:
-        for w, _, gy in layers:
-            torch.bmm(gy, w)
-
-    def grad_weight(layers) -> None:
-        for _, x, gy in layers:
-            torch.bmm(gy.mT, x)
-
-    def step() -> None:
-        forward(a), forward(c), grad_input(c), grad_input(a), grad_weight(a)  # actor step
-        forward(a), forward(c), forward(c), grad_input(c), grad_weight(c)  # critic step (target, online)
-
-    for _ in range(3):
-        step()
-    wall, cpu = [], []
-    for _ in range(reps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+    """Median (wall, process-CPU) ms of the update's matmuls alone (update_floor.py)."""
+    critic, actor = layer_shapes(OBS, ACT, cfg.critic_hidden_dim, cfg.critic_num_blocks, cfg.num_atoms,
+                                 cfg.actor_hidden_dim, cfg.actor_num_blocks, actor_heads=2)  # fmt: skip
+    return matmul_floor(critic, actor, cfg.batch_size, cfg.num_critics, dtype, reps)
 
 
 def main() -> None:
