@@ -192,10 +192,8 @@ class Progress:
     def _line(self, env_step: int) -> None:
         self._line_step = env_step
         eta = (self.total - env_step) / self.sps if self.sps > 0 else math.nan
-        text = (
-            f"env_step {env_step}/{self.total} ({100.0 * env_step / self.total:.1f}%) | {self.sps:.0f} SPS"
-            f" | ETA {format_duration(eta)}"
-        )
+        sps = "? SPS" if math.isnan(self.sps) else f"{self.sps:.0f} SPS"  # nothing measured yet (a resumed eval)
+        text = f"env_step {env_step}/{self.total} ({100.0 * env_step / self.total:.1f}%) | {sps} | ETA {format_duration(eta)}"
         if self.eval_return is not None:
             text += f" | eval return {self.eval_return:.1f}"
         print(text, file=self.stream, flush=True)

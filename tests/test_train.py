@@ -366,6 +366,9 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() -> None:
     now[0] = 10.0
     progress.update(100)
     assert lines.getvalue() == ""  # nothing until the interval passes or an evaluation arrives
+    early = io.StringIO()
+    Progress(1000, 0, stream=early, clock=lambda: now[0]).update(0, eval_return=1.0)  # e.g. right after a resume
+    assert early.getvalue() == "env_step 0/1000 (0.0%) | ? SPS | ETA ? | eval return 1.0\n"  # no "nan SPS"
     now[0] = 40.0
     progress.update(200)  # 200 steps in 40 s
     progress.update(200, eval_return=12.34)  # an evaluation: a line at once, same SPS
