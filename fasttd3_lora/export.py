@@ -226,8 +226,10 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
     do): ``observation_layout()`` (``[(key, shape)]`` in flattening order, or None),
     ``observation_spec["observation"]``, ``action_spec`` (its bounds are the clip range; the policy's
     ``actions`` are mapped with ``action_offset + action_scale * clip(actions)``), ``action_scale`` /
-    ``action_offset`` (default 1 / 0), ``joint_names`` (attribute or method; one name per action dimension, in
-    the trained order), ``control_period`` (seconds per policy step). Missing facts are ``None``.
+    ``action_offset`` (default 1 / 0; ``action_map_known`` False when the env could not read its own map),
+    ``action_moving_average`` (Isaac Lab's in-hand tasks smooth joint targets: ``m * command + (1 - m) *
+    previous``), ``joint_names`` (attribute or method; one name per action dimension, in the trained order),
+    ``control_period`` (seconds per policy step). Missing facts are ``None``.
     """
     terms = env.observation_layout() if callable(getattr(env, "observation_layout", None)) else None
     layout = None
@@ -255,10 +257,12 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
         if len(joints) != act_dim:
             raise ExportError(f"env names {len(joints)} joints for {act_dim} action dimensions")
     period = _maybe_call(getattr(env, "control_period", None))
+    average = getattr(env, "action_moving_average", None)
     return {
         "observation": {"dim": obs_dim, "layout": layout},
         "action": {"dim": act_dim, "scale": scale, "offset": offset, "clip": {"low": low, "high": high},
-                   "joint_names": joints},  # fmt: skip
+                   "joint_names": joints, "map_known": bool(getattr(env, "action_map_known", True)),
+                   "moving_average": None if average is None else float(average)},  # fmt: skip
         "control_period_s": None if period is None else float(period),
     }
 
@@ -341,7 +345,10 @@ def deploy_metadata(
         "feed raw observations"
     )  # fmt: skip
     action = dict(facts["action"])
-    action["command"] = "offset + scale * clip(actions, clip.low, clip.high), per dimension"
+    action["command"] = "offset + scale * clip(actions, clip.low, clip.high), per dimension" + (
+        "; then target = moving_average * command + (1 - moving_average) * previous target"
+        if action.get("moving_average") is not None else ""
+    )
     meta = {
         "format": DEPLOY_FORMAT,
         "package_version": fasttd3_lora.__version__,

@@ -11,10 +11,13 @@ The env is a `torchrl.envs.EnvBase` with ``batch_size=[num_envs]`` on the simula
 * ``observation``: float32 ``(N, obs_dim)``, the task's ``policy`` observation group. ``critic_observation``:
   float32 ``(N, critic_dim)``, the ``critic`` group, present only when the task defines one (asymmetric critic).
 * ``action``: float32 ``(N, act_dim)``. The wrapper clips it to [-1, 1] (NaN is rejected) and hands it to Isaac
-  Lab unchanged: Isaac Lab's action spaces are unbounded and its action terms apply their own scale, e.g. the
-  velocity tasks' joint-position term sends ``default_joint_pos + 0.5 * action`` and the in-hand cube tasks map
-  [-1, 1] onto the joint limits. ``action_scale`` / ``action_offset`` (ones / zeros) record that the wrapper
-  itself does not rescale, which is what FastTD3 does for Isaac Lab (its ``action_bounds`` is 1).
+  Lab unchanged, as FastTD3 does for Isaac Lab (its ``action_bounds`` is 1): Isaac Lab's action spaces are
+  unbounded and its action terms apply their own map. ``action_scale`` / ``action_offset`` report that map, the
+  joint command being ``action_offset + action_scale * action``, for export (DESIGN §8): read from manager-based
+  action terms' ``_scale`` / ``_offset`` (the velocity tasks' joint-position term: ``default_joint_pos + 0.5 *
+  action``), and for the Direct in-hand tasks from the joint limits that ``scale()`` maps [-1, 1] onto, with their
+  ``act_moving_average`` as ``action_moving_average`` (target ``<- m * command + (1 - m) * previous target``).
+  Where a term has no such map, or it differs between envs, they are ones / zeros and ``action_map_known`` is False.
 * ``reward``: float32 ``(N, 1)``. ``terminated`` / ``truncated`` / ``done = terminated | truncated``: bool
   ``(N, 1)``. Time-outs are ``truncated``; a step that is both a termination and a time-out is ``terminated``
   only; a task whose config says ``is_finite_horizon`` reports its time-outs as ``terminated``.
@@ -120,6 +123,41 @@ def _joint_names(unwrapped: Any) -> list[str] | None:
     return None
 
 
+def _per_action(value: Any, num_envs: int, dim: int) -> torch.Tensor | None:
+    """A term's scale or offset (a float, or a tensor broadcastable to (num_envs, dim)) as one (dim,) row; None when
+    it differs between envs (e.g. randomised default joint positions), which one deploy map cannot express."""
+    rows = torch.as_tensor(value, dtype=torch.float32).cpu().expand(num_envs, dim)
+    return rows[0].clone() if bool((rows == rows[0]).all()) else None
+
+
+def _action_map(unwrapped: Any, act_dim: int) -> tuple[torch.Tensor, torch.Tensor, float | None] | None:
+    """(scale, offset, moving average) of the task's action -> joint command map, or None when unknown."""
+    n = int(unwrapped.num_envs)
+    manager = getattr(unwrapped, "action_manager", None)
+    if manager is not None:  # manager-based: processed = raw * _scale + _offset per term (JointAction and kin)
+        scales, offsets = [], []
+        for term_name in manager.active_terms:
+            term = manager.get_term(term_name)
+            if not (hasattr(term, "_scale") and hasattr(term, "_offset")):
+                return None
+            scale, offset = _per_action(term._scale, n, term.action_dim), _per_action(term._offset, n, term.action_dim)
+            if scale is None or offset is None:
+                return None
+            scales.append(scale), offsets.append(offset)
+        return torch.cat(scales), torch.cat(offsets), None
+    # Direct in-hand envs: target = scale(action, lower, upper) = (upper + lower)/2 + (upper - lower)/2 * action,
+    # then a moving average with the previous target.
+    actuated = getattr(unwrapped, "actuated_dof_indices", None)
+    lower, upper = getattr(unwrapped, "hand_dof_lower_limits", None), getattr(unwrapped, "hand_dof_upper_limits", None)
+    if actuated is None or lower is None or upper is None:
+        return None
+    low, high = _per_action(lower[:, actuated], n, act_dim), _per_action(upper[:, actuated], n, act_dim)
+    if low is None or high is None:
+        return None
+    average = getattr(unwrapped.cfg, "act_moving_average", None)
+    return (high - low) / 2, (high + low) / 2, None if average is None else float(average)
+
+
 def _flat_dim(spaces: Any, key: str) -> int:
     shape = tuple(spaces[key].shape)
     if len(shape) != 1:
@@ -152,8 +190,11 @@ class IsaacLabEnv(EnvBase):
         self.critic_dim = _flat_dim(spaces, "critic") if "critic" in spaces else None
         (act_dim,) = tuple(unwrapped.single_action_space.shape)
         self._check_sizes(obs_dim, act_dim)
-        self.action_scale = torch.ones(act_dim)
-        self.action_offset = torch.zeros(act_dim)
+        action_map = _action_map(unwrapped, act_dim)
+        self.action_map_known = action_map is not None
+        self.action_scale, self.action_offset, self.action_moving_average = action_map or (
+            torch.ones(act_dim), torch.zeros(act_dim), None
+        )
 
         n, dev = num_envs, self.device
         obs_specs = {"observation": Unbounded(shape=(n, obs_dim), dtype=torch.float32, device=dev)}

@@ -13,12 +13,15 @@ What it copies from Isaac Lab (``ManagerBasedRLEnv`` / ``DirectRLEnv``, 2.x and 
   ``reward_buf`` / ``reset_terminated`` / ``reset_time_outs`` are in Isaac Lab), so a consumer must copy them.
 * ``num_envs``, ``device``, ``step_dt``, ``max_episode_length``, ``episode_length_buf``, ``cfg.is_finite_horizon``,
   ``single_observation_space`` (a dict space whose ``spaces`` hold ``policy`` and maybe ``critic`` boxes),
-  ``single_action_space`` (an unbounded box: the action term scales, here ``processed = action_scale * action``),
+  ``single_action_space`` (an unbounded box: the action term maps the action to the joint command),
   ``seed()``, ``close()``, and the outer ``gym.make`` wrapper whose ``unwrapped`` is the env and which refuses a
   step before the first reset (gymnasium's order enforcing).
 * ``workflow="manager"`` exposes ``observation_manager`` (term names and dims per group) and ``action_manager``
-  (a joint-action term with ``_joint_names``); ``workflow="direct"`` exposes ``hand.joint_names`` and the sorted
-  ``actuated_dof_indices`` of Isaac Lab's in-hand manipulation envs.
+  (a joint-action term with ``_joint_names``, ``action_dim``, ``_scale`` (a float) and ``_offset`` (an
+  (num_envs, dim) tensor, as ``use_default_offset`` makes it), ``processed = raw * _scale + _offset``);
+  ``workflow="direct"`` exposes ``hand.joint_names``, the sorted ``actuated_dof_indices``, the
+  (num_envs, joints) ``hand_dof_lower_limits`` / ``hand_dof_upper_limits`` and ``cfg.act_moving_average`` of
+  Isaac Lab's in-hand manipulation envs, whose target is ``m * scale(action, lower, upper) + (1 - m) * previous``.
 
 Dynamics: each env is a point mass in ``dim`` dimensions pushed by its action toward a target; the reward is the
 decrease of the distance to the target. Episodes end by a random termination (probability
@@ -70,6 +73,8 @@ class StandInIsaacLabEnv:
         termination_prob: float = 0.01,
         bound: float = 4.0,
         action_scale: float = 0.5,
+        action_offset: float = 0.0,
+        act_moving_average: float = 1.0,
         step_dt: float = 0.02,
         is_finite_horizon: bool = False,
         seed: int = 0,
@@ -86,7 +91,9 @@ class StandInIsaacLabEnv:
         self.bound = bound
         self.action_scale = action_scale
         self.has_critic = critic
-        self.cfg = SimpleNamespace(seed=seed, compute_final_obs=final_obs, is_finite_horizon=is_finite_horizon)
+        self.workflow = workflow
+        self.cfg = SimpleNamespace(seed=seed, compute_final_obs=final_obs, is_finite_horizon=is_finite_horizon,
+                                   act_moving_average=act_moving_average)  # fmt: skip
         self._gen = torch.Generator(device=device).manual_seed(seed)
 
         n = num_envs
@@ -118,7 +125,9 @@ class StandInIsaacLabEnv:
             self.observation_manager = SimpleNamespace(
                 active_terms={g: terms[g] for g in groups}, group_obs_term_dim={g: dims[g] for g in groups}
             )
-            term = SimpleNamespace(_joint_names=joints, action_dim=dim)
+            # per-joint "default joint positions", the same in every env
+            offset = (action_offset * torch.arange(1, dim + 1, dtype=torch.float32, device=device)).expand(n, dim)
+            term = SimpleNamespace(_joint_names=joints, action_dim=dim, _scale=action_scale, _offset=offset.clone())
             self.action_manager = SimpleNamespace(
                 active_terms=["joint_pos"], get_term=lambda name: term, total_action_dim=dim
             )
@@ -126,6 +135,9 @@ class StandInIsaacLabEnv:
             # An articulation with one passive joint; the actuated ones in index order, as Isaac Lab sorts them.
             self.hand = SimpleNamespace(joint_names=["passive_joint", *joints])
             self.actuated_dof_indices = list(range(1, dim + 1))
+            joint = torch.arange(dim + 1, dtype=torch.float32, device=device)
+            self.hand_dof_lower_limits = (-1.0 - 0.1 * joint).expand(n, dim + 1).clone()
+            self.hand_dof_upper_limits = (0.5 + 0.2 * joint).expand(n, dim + 1).clone()
 
     def _uniform(self, shape: tuple[int, ...], low: float, high: float) -> Tensor:
         return low + (high - low) * torch.rand(shape, generator=self._gen, device=self.device)
@@ -158,7 +170,15 @@ class StandInIsaacLabEnv:
 
     def step(self, action: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, dict]:
         self.raw_actions[:] = action.to(self.device)
-        self.processed_actions = self.action_scale * self.raw_actions
+        if self.workflow == "manager":
+            term = self.action_manager.get_term("joint_pos")
+            self.processed_actions = self.raw_actions * term._scale + term._offset
+        else:
+            low = self.hand_dof_lower_limits[:, self.actuated_dof_indices]
+            high = self.hand_dof_upper_limits[:, self.actuated_dof_indices]
+            target = 0.5 * (self.raw_actions + 1.0) * (high - low) + low  # Isaac Lab's `scale`
+            m = self.cfg.act_moving_average
+            self.processed_actions = m * target + (1.0 - m) * self.processed_actions
         before = (self.target - self.pos).norm(dim=-1)
         self.vel = 0.9 * self.vel + self.processed_actions * self.step_dt * 10.0
         self.pos = self.pos + self.vel * self.step_dt * 10.0

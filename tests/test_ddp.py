@@ -4,10 +4,8 @@ GPU-free Isaac Lab stand-in (tests/isaaclab_standin.py), swapped in for `make_is
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -47,10 +45,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("isaaclab_standin", Path(__file__).with_name("isaaclab_standin.py"))
-    standin = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = standin
-    spec.loader.exec_module(standin)
+    import isaaclab_standin as standin
 
     from fasttd3_lora.config import compose_config
     from fasttd3_lora.loops import fasttd3 as loop

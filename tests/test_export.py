@@ -275,7 +275,8 @@ def test_env_deploy_facts_validates_what_the_env_says():
     )  # fmt: skip
     facts = env_deploy_facts(env)
     assert facts["action"] == {"dim": 2, "scale": [1.0, 1.0], "offset": [0.0, 0.0],
-                               "clip": {"low": [-0.5, -0.5], "high": [1.0, 1.0]}, "joint_names": ["a", "b"]}  # fmt: skip
+                               "clip": {"low": [-0.5, -0.5], "high": [1.0, 1.0]}, "joint_names": ["a", "b"],
+                               "map_known": True, "moving_average": None}  # fmt: skip
     assert facts["observation"]["layout"] == [{"name": "p", "shape": [2, 2], "start": 0, "size": 4}]
     assert facts["control_period_s"] is None
     env.joint_names = ["a"]
@@ -345,3 +346,24 @@ def test_a_model_that_fails_its_check_is_not_left_behind(tmp_path):
     with pytest.raises(ExportError, match="> tolerance 1e-12"):
         export_checkpoint(tmp_path / "ok.pt", tmp_path / "out", tolerance=1e-12)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("workflow", ["manager", "direct"])
+def test_isaaclab_deploy_facts_carry_the_action_terms_map(workflow: str) -> None:
+    """deploy.yaml's command formula reproduces the joint command the Isaac Lab action term computes (stand-in env
+    with Isaac Lab's attributes: a joint-position term around default joint positions, or the in-hand tasks'
+    joint-limit map with a moving average)."""
+    from isaaclab_standin import make_standin
+
+    from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
+
+    gym_env = make_standin(4, 3, workflow=workflow, action_offset=0.2, act_moving_average=0.5)
+    env = IsaacLabEnv(gym_env, task="standin")
+    facts = env_deploy_facts(env)["action"]
+    td = env.reset()
+    actions = torch.tensor([[-2.0, 0.3, 0.9]]).expand(4, 3)
+    env.step(td.set("action", actions))
+    command = torch.tensor(facts["offset"]) + torch.tensor(facts["scale"]) * actions.clamp(-1, 1)
+    m = facts["moving_average"] or 1.0
+    torch.testing.assert_close(gym_env.unwrapped.processed_actions, m * command)  # previous target was 0
+    assert facts["map_known"] and (facts["moving_average"] is None) == (workflow == "manager")

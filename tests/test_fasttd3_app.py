@@ -4,7 +4,6 @@ export, exact resume), and Isaac Lab through the app's env builder with the GPU-
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,10 +20,8 @@ from fasttd3_lora.tasks import isaaclab
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
 from fasttd3_lora.train import UpdateMetrics, train
 
-_spec = importlib.util.spec_from_file_location("isaaclab_standin", Path(__file__).with_name("isaaclab_standin.py"))
-standin = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = standin  # dataclasses look their module up
-_spec.loader.exec_module(standin)
+import isaaclab_standin as standin
+
 
 SMALL_NETS = [
     "scale.critic_hidden_dim=32",

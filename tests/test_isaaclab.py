@@ -4,10 +4,9 @@ truncations; the 2.x <-> 3.0 id table and task configs; the launcher's errors wi
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +20,8 @@ from fasttd3_lora.config import compose_config, group_options
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv, IsaacLabUnavailable, detect_isaaclab, make_isaaclab_env
 from fasttd3_lora.tasks.isaaclab_names import TASKS, list_isaaclab_tasks, lookup_isaaclab_task
 
-_spec = importlib.util.spec_from_file_location("isaaclab_standin", Path(__file__).with_name("isaaclab_standin.py"))
-standin = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = standin  # dataclasses look their module up
-_spec.loader.exec_module(standin)
+import isaaclab_standin as standin
+
 
 # DESIGN §7, row by row.
 DESIGN_TABLE = [
@@ -214,16 +211,31 @@ def test_asymmetric_critic_observation_is_the_critic_group() -> None:
 @settings(max_examples=25, deadline=None)
 @given(
     st.lists(st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, width=32), min_size=DIM, max_size=DIM),
+    st.sampled_from(["manager", "direct"]),
 )
-def test_actions_are_clipped_and_the_action_term_scales_them(values: list[float]) -> None:
-    env, raw = make(num_envs=64)
+def test_actions_are_clipped_and_the_reported_map_is_the_action_terms(values: list[float], workflow: str) -> None:
+    """The wrapper hands Isaac Lab the clipped action; `action_offset + action_scale * action` is the joint command
+    the task's action term computes from it (what deploy.yaml tells the robot)."""
+    env, raw = make(num_envs=64, workflow=workflow, action_offset=0.1)
     td = env.reset()
     action = torch.tensor(values).expand(64, DIM).clone()
     env.step(td.set("action", action))
     clipped = action.clamp(-1.0, 1.0)
     torch.testing.assert_close(raw.raw_actions, clipped, rtol=0, atol=0)
-    torch.testing.assert_close(raw.processed_actions, raw.action_scale * clipped, rtol=0, atol=0)
+    assert env.action_map_known and env.action_moving_average == (None if workflow == "manager" else 1.0)
+    torch.testing.assert_close(raw.processed_actions, env.action_offset + env.action_scale * clipped)
+    assert not torch.equal(env.action_offset, torch.zeros(DIM))  # a real offset, not the identity map
+
+
+def test_action_map_unknown_when_it_differs_between_envs_and_moving_average_reported() -> None:
+    gym_env = standin.make_standin(8, DIM, action_offset=0.1)
+    gym_env.unwrapped.action_manager.get_term("joint_pos")._offset[3] += 0.5  # e.g. randomised default joint pos
+    env = IsaacLabEnv(gym_env, task="standin")
+    assert not env.action_map_known
     assert torch.equal(env.action_scale, torch.ones(DIM)) and torch.equal(env.action_offset, torch.zeros(DIM))
+    env, _ = make(num_envs=8, workflow="direct", act_moving_average=0.3)
+    assert env.action_map_known and env.action_moving_average == pytest.approx(0.3)
+    torch.testing.assert_close(env.action_offset - env.action_scale, -1.0 - 0.1 * torch.arange(1, DIM + 1))
 
 
 def test_bad_actions_are_refused() -> None:
