@@ -9,7 +9,6 @@ step) and writes one PNG: every run's eval curve, the reference mean with a ±2 
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import matplotlib
@@ -18,23 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "simbav2" / "dmc_simbav2_utd2_summary.csv"
-
-
-def eval_curve(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
-    """(env_steps, eval returns, wall times) of a run's evaluation rows."""
-    with (run_dir / "metrics.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r.get("eval_return")]
-    return [int(r["env_step"]) for r in rows], [float(r["eval_return"]) for r in rows], [float(r["wall_time"]) for r in rows]
-
-
-def reference_curve(task: str) -> list[tuple[int, float, float]]:
-    """(env_step, mean, std) of SimbaV2's published curve for `task` (`cheetah-run`), empty if it has none."""
-    if not REFERENCE.exists():
-        return []
-    with REFERENCE.open() as f:
-        return [(int(r["env_step"]), float(r["mean_return"]), float(r["std_return"]))
-                for r in csv.DictReader(f) if r["task"] == task]  # fmt: skip
+from fasttd3_lora.reference import reference_curve  # noqa: E402
+from fasttd3_lora.report import eval_curve  # noqa: E402
 
 
 def main() -> None:

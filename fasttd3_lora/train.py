@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from hydra._internal.utils import get_args_parser
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensordict import TensorDict
 from torch import Tensor
@@ -70,6 +71,7 @@ from fasttd3_lora.config import (
 from fasttd3_lora.export import env_deploy_facts
 from fasttd3_lora.replay import NStepReplayBuffer, ReplayBuffer
 from fasttd3_lora.run_logging import Progress, RunLogger
+from fasttd3_lora.run_status import recording_outcome
 from fasttd3_lora.sac import SAC, SACConfig
 
 if TYPE_CHECKING:
@@ -263,7 +265,11 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     `resume=<run dir>` rebuilds the same config. Dispatches on `cfg.algo.name` (`LOOPS`)."""
     if cfg.algo.name == "sac" and cfg.task.family != "dmc":
         raise ConfigError(f"task.family={cfg.task.family!r}: SAC runs dmc tasks only; use algo=fasttd3")
-    return LOOPS[cfg.algo.name](cfg, run_dir, overrides)
+    # <run dir>/status.json records how the run ended (fasttd3_lora/run_status.py); the report reads it.
+    with recording_outcome(run_dir, NonFiniteError, (ConfigError, CheckpointError)) as outcome:
+        counters = LOOPS[cfg.algo.name](cfg, run_dir, overrides)
+        outcome["env_step"] = counters.env_step
+    return counters
 
 
 def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> Counters:
@@ -487,10 +493,14 @@ def _hydra_job(cfg: DictConfig) -> None:
     try:
         validate_config(cfg)  # multirun jobs reach here unchecked
         train(cfg, hydra_cfg.runtime.output_dir, drop_override(list(hydra_cfg.overrides.task), "resume"))
-    except (ConfigError, CheckpointError) as err:
-        _fail(EXIT_CONFIG, err)
-    except NonFiniteError as err:
-        _fail(EXIT_NONFINITE, err)
+    except (ConfigError, CheckpointError, NonFiniteError) as err:
+        code = EXIT_NONFINITE if isinstance(err, NonFiniteError) else EXIT_CONFIG
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            # A failed job must not end the sweep: Hydra records the exception, runs the remaining jobs, then
+            # re-raises the first failure (exit status 1). The run's status.json keeps the reason.
+            print(f"fasttd3-train: {err}", file=sys.stderr, flush=True)
+            raise
+        _fail(code, err)
     except KeyboardInterrupt as err:
         _fail(EXIT_INTERRUPTED, err)
 
