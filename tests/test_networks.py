@@ -22,23 +22,13 @@ from fasttd3_lora.networks import (
     polyak_update_,
     tanh_gaussian_sample,
 )
+from fasttd3_lora.param_counts import dense_critic_params, lora_critic_trainable
 
 OBS, ACT, ATOMS = 17, 6, 101
 
 
 def count(params) -> int:
     return sum(p.numel() for p in params)
-
-
-def dense_critic_params(i: int, d: int, blocks: int, k: int) -> int:
-    """Closed form of one SimbaV2 critic: embedder W (d x (i+1)) + Scaler d; per block W1 4d*d, Scaler 4d, W2 d*4d,
-    alpha d; head W d*d, Scaler d, W k*d, bias k."""
-    return d * (i + 1) + d + blocks * (8 * d * d + 5 * d) + d * d + d + k * d + k
-
-
-def lora_critic_trainable(i: int, d: int, blocks: int, k: int, r: int) -> int:
-    """As above with each block matrix replaced by adapters: W1 -> r(d + 4d), W2 -> r(4d + d)."""
-    return dense_critic_params(i, d, blocks, k) - blocks * 8 * d * d + blocks * 2 * r * 5 * d
 
 
 @pytest.fixture(scope="module")
