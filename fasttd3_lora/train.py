@@ -20,6 +20,7 @@ action_repeat env steps.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,7 +28,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
@@ -71,7 +72,7 @@ from fasttd3_lora.config import (
 from fasttd3_lora.export import env_deploy_facts
 from fasttd3_lora.replay import NStepReplayBuffer, ReplayBuffer
 from fasttd3_lora.run_logging import Progress, RunLogger
-from fasttd3_lora.run_status import recording_outcome
+from fasttd3_lora.run_status import read_status, recording_outcome, write_status
 from fasttd3_lora.sac import SAC, SACConfig
 
 if TYPE_CHECKING:
@@ -258,6 +259,46 @@ def checkpoint_state(
     }
 
 
+@dataclasses.dataclass
+class StopGuard:
+    """What a training loop's stop messages need: the loop sets `checkpoint_step` after each checkpoint it writes;
+    `write_nonfinite` is False on the ranks that do not write files (DDP)."""
+
+    run_dir: Path
+    resolved: dict[str, Any]
+    counters: Counters
+    agent: Any
+    progress: Progress
+    checkpoint_step: int
+    write_nonfinite: bool = True
+
+
+@contextlib.contextmanager
+def reported_stops(guard: StopGuard) -> Iterator[StopGuard]:
+    """Around a training loop (both algorithms): a non-finite stop writes the offending agent to
+    checkpoints/nonfinite.pt and names the last finite checkpoint; Ctrl-C says how to resume; a finished loop
+    prints its last line."""
+    ckpt_dir, counters = guard.run_dir / CHECKPOINT_DIR, guard.counters
+    try:
+        yield guard
+    except NonFiniteError as err:
+        nonfinite = ckpt_dir / "nonfinite.pt"
+        if guard.write_nonfinite:
+            save_checkpoint(nonfinite, {"meta": {"config": guard.resolved, "counters": dataclasses.asdict(counters)},
+                                        "agent": guard.agent.state_dict()})  # fmt: skip
+        raise NonFiniteError(
+            f"{err}: run stopped; last finite checkpoint {ckpt_dir / LATEST} (env_step {guard.checkpoint_step}), "
+            f"the non-finite agent in {nonfinite}"
+        ) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"interrupted at env_step {counters.env_step}; resume=`{guard.run_dir}` continues from env_step "
+            f"{guard.checkpoint_step}"
+        ) from None
+    final = f" | last eval return {counters.last_eval_return:.1f}" if counters.last_eval_return is not None else ""
+    guard.progress.write(f"done: env_step {counters.env_step}{final} | run dir {guard.run_dir}")
+
+
 def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> Counters:
     """Run (or, with `cfg.resume`, continue) one training run writing into `run_dir`; returns the final counters.
 
@@ -331,13 +372,12 @@ def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (
 
         if counters.env_step == 0:
             save(ckpt_dir / LATEST, cfg.save_buffer)  # the guard's last finite state exists from the start
-        checkpoint_step = counters.env_step
         num_envs = algo.num_envs
         obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
         episode_return = torch.zeros(num_envs)
         metrics = UpdateMetrics()
         row_step, row_time = counters.env_step, time.monotonic()
-        try:
+        with reported_stops(StopGuard(run_dir, resolved, counters, agent, progress, counters.env_step)) as guard:
             while counters.env_step < cfg.total_env_steps:
                 # 1. act and step
                 if counters.agent_step < algo.learning_starts:
@@ -402,7 +442,7 @@ def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (
                     progress.update(counters.env_step, eval_return=mean)
                 if checkpoint:
                     save(ckpt_dir / LATEST, cfg.save_buffer)
-                    checkpoint_step = counters.env_step
+                    guard.checkpoint_step = counters.env_step
                     if evaluation and cfg.keep_eval_checkpoints:
                         copy_checkpoint(ckpt_dir / LATEST, ckpt_dir / f"step_{counters.env_step}.pt")
                     if not end:
@@ -410,20 +450,6 @@ def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (
                         episode_return.zero_()
                 row_time += time.monotonic() - paused
                 progress.update(counters.env_step)
-        except NonFiniteError as err:
-            nonfinite = ckpt_dir / "nonfinite.pt"
-            save_checkpoint(nonfinite, {"meta": {"config": resolved, "counters": dataclasses.asdict(counters)},
-                                        "agent": agent.state_dict()})  # fmt: skip
-            raise NonFiniteError(
-                f"{err}: run stopped; last finite checkpoint {ckpt_dir / LATEST} (env_step {checkpoint_step}), "
-                f"the non-finite agent in {nonfinite}"
-            ) from None
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(
-                f"interrupted at env_step {counters.env_step}; resume=`{run_dir}` continues from env_step {checkpoint_step}"
-            ) from None
-        final = f" | last eval return {counters.last_eval_return:.1f}" if counters.last_eval_return is not None else ""
-        progress.write(f"done: env_step {counters.env_step}{final} | run dir {run_dir}")
     return counters
 
 
@@ -499,6 +525,8 @@ def _hydra_job(cfg: DictConfig) -> None:
             # A failed job must not end the sweep: Hydra records the exception, runs the remaining jobs, then
             # re-raises the first failure (exit status 1). The run's status.json keeps the reason.
             print(f"fasttd3-train: {err}", file=sys.stderr, flush=True)
+            if read_status(hydra_cfg.runtime.output_dir) is None:  # refused before train() started
+                write_status(hydra_cfg.runtime.output_dir, "error", str(err))
             raise
         _fail(code, err)
     except KeyboardInterrupt as err:

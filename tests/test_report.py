@@ -38,10 +38,12 @@ class Crash(BaseException):
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     proc = subprocess.run(
-        [sys.executable, "-m", "fasttd3_lora.train", "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={root / 'sweep'}"],
+        [sys.executable, "-m", "fasttd3_lora.train", "-m", *TINY, "critic.rank=8,64", "seed=0,1",
+         f"hydra.sweep.dir={root / 'sweep'}"],
         cwd=root, env=ENV, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # rank 64 > hidden 32: those two jobs are refused; the sweep still runs the others, then exits 1
+    assert proc.returncode == 1 and "critic.rank=64: allowed an integer in [1, 32]" in proc.stderr, proc.stderr[-2000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     mp = pytest.MonkeyPatch()
@@ -85,9 +87,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_a_multirun_makes_one_directory_per_seed_each_marked_finished(runs: Path) -> None:
     jobs = sorted(p for p in (runs / "sweep").iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0_dmc-cartpole-balance_lora_s0", "1_dmc-cartpole-balance_lora_s1"]
-    for job in jobs:
+    assert [p.name for p in jobs] == [f"{i}_dmc-cartpole-balance_lora_s{i % 2}" for i in range(4)]
+    for job in jobs[:2]:
         assert read_status(job) == {"outcome": "finished", "message": "", "env_step": 300}
+    for job in jobs[2:]:
+        assert read_status(job)["outcome"] == "error" and not (job / "metrics.csv").exists()
     assert read_status(runs / "stopped")["outcome"] == "stopped"
     assert "non-finite critic_loss" in read_status(runs / "stopped")["message"]
     assert read_status(runs / "unfinished") is None
@@ -99,7 +103,7 @@ def test_report_table_has_n2_and_lists_every_run_left_out(runs: Path, tmp_path: 
     assert "(n=2)" in row and "(+3 left out)" in row and row.count("**") == 2
     # the cell is the mean of the two finished seeds' last evaluations
     finals = []
-    for job in sorted((runs / "sweep").glob("*_s*")):
+    for job in sorted((runs / "sweep").glob("[01]_*")):  # the two finished jobs
         with (job / "metrics.csv").open(newline="") as f:
             finals += [float(r["eval_return"]) for r in csv.DictReader(f) if r["env_step"] == "300" and r["eval_return"]]
     assert len(finals) == 2
@@ -109,6 +113,7 @@ def test_report_table_has_n2_and_lists_every_run_left_out(runs: Path, tmp_path: 
     assert "| `unfinished` | unfinished | no status.json: metrics.csv reaches env_step 200 of 300" in left_out
     assert "checkpoint at env_step 200" in left_out
     assert "| `no_eval` | no-eval |" in left_out
+    assert left_out.count("| error | critic.rank=64: allowed an integer in [1, 32] |") == 2
     assert (tmp_path / "report" / "curves_dmc-cartpole-balance.png").stat().st_size > 1000
     assert (tmp_path / "report" / "critic_loss_dmc-cartpole-balance.png").stat().st_size > 1000
 
