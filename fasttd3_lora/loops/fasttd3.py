@@ -16,7 +16,6 @@ checkpoints (without the replay buffers, so a multi-process resume refills them)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -48,12 +47,13 @@ from fasttd3_lora.run_logging import Progress, RunLogger
 from fasttd3_lora.train import (
     ENV_BUILDERS,
     Counters,
-    NonFiniteError,
+    StopGuard,
     UpdateMetrics,
     checkpoint_state,
     crossed,
     episode_seed,
     evaluate,
+    reported_stops,
     seed_everything,
     start_episodes,
 )
@@ -188,12 +188,12 @@ def train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
 
         if counters.env_step == 0:
             save(ckpt_dir / LATEST, cfg.save_buffer)  # the guard's last finite state exists from the start
-        checkpoint_step = counters.env_step
         current = _observations(start_episodes(env, seed, counters.env_step))
         episode_return = torch.zeros(num_envs, device=env.device)
         critic_metrics, actor_metrics = UpdateMetrics(), UpdateMetrics()
         row_step, row_time = counters.env_step, time.monotonic()
-        try:
+        guard = StopGuard(run_dir, resolved, counters, agent, progress, counters.env_step, write_nonfinite=lead)
+        with reported_stops(guard):
             while counters.env_step < cfg.total_env_steps:
                 # 1. act (every env with its own noise scale) and step all envs at once
                 action = agent.act(current["observation"])
@@ -267,7 +267,7 @@ def train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
                     progress.update(counters.env_step, eval_return=mean)
                 if checkpoint:
                     save(ckpt_dir / LATEST, cfg.save_buffer)
-                    checkpoint_step = counters.env_step
+                    guard.checkpoint_step = counters.env_step
                     if lead and evaluation and cfg.keep_eval_checkpoints:
                         copy_checkpoint(ckpt_dir / LATEST, ckpt_dir / f"step_{counters.env_step}.pt")
                 if restart and not end:
@@ -275,21 +275,6 @@ def train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
                     episode_return.zero_()
                 row_time += time.monotonic() - paused
                 progress.update(counters.env_step)
-        except NonFiniteError as err:
-            nonfinite = ckpt_dir / "nonfinite.pt"
-            if lead:
-                save_checkpoint(nonfinite, {"meta": {"config": resolved, "counters": dataclasses.asdict(counters)},
-                                            "agent": agent.state_dict()})  # fmt: skip
-            raise NonFiniteError(
-                f"{err}: run stopped; last finite checkpoint {ckpt_dir / LATEST} (env_step {checkpoint_step}), "
-                f"the non-finite agent in {nonfinite}"
-            ) from None
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(
-                f"interrupted at env_step {counters.env_step}; resume=`{run_dir}` continues from env_step {checkpoint_step}"
-            ) from None
-        final = f" | last eval return {counters.last_eval_return:.1f}" if counters.last_eval_return is not None else ""
-        progress.write(f"done: env_step {counters.env_step}{final} | run dir {run_dir}")
     return counters
 
 
