@@ -51,7 +51,7 @@ def test_defaults_are_the_papers_sac_recipe(default_cfg) -> None:
 
 def test_every_group_option_composes_and_validates(default_cfg) -> None:
     groups = {g: group_options(g) for g in ("algo", "critic", "scale", "task")}
-    assert groups["critic"] == ["lora", "simbav2", "sparse"] and groups["scale"] == ["base", "large"]
+    assert groups["critic"] == ["lora", "simbav2", "sparse"] and groups["scale"] == ["base", "large", "small"]
     dmc = [o for o in groups["task"] if o.startswith("dmc/")]
     # Hydra composes one config in ~0.2 s: every option but the DMC tasks goes through Hydra, and two DMC tasks;
     # the other DMC task files (flat leaves, no defaults list) are merged onto the default config as Hydra would.
