@@ -494,7 +494,8 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
         check_overrides(args.overrides)
         if resume is not None:
             raise ConfigError(f"resume={resume}: not allowed with --multirun (resume each run on its own)")
-        hydra_overrides = [o for o in args.overrides if o.startswith("hydra.")]
+        # hydra/launcher=... selects the group that hydra.launcher.* keys then override: keep both
+        hydra_overrides = [o for o in args.overrides if o.startswith(("hydra.", "hydra/"))]
         sweep_dir = _fresh_dir(Path(compose_config(hydra_overrides, check=False, with_hydra=True).hydra.sweep.dir))
         return [*argv, f"hydra.sweep.dir={_quote(str(sweep_dir))}"]
     overrides, run_dir, saved = list(args.overrides), None, None

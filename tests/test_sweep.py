@@ -15,6 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from fasttd3_lora.config import compose_config, config_dir, group_options
 from fasttd3_lora.networks import make_critic
 from fasttd3_lora.param_counts import lora_critic_trainable, matched_lora_rank, sparse_critic_trainable
+from fasttd3_lora.train import prepare_command_line
 
 # Jobs per preset: the product of its sweep axes (seeds x tasks x critics x scales x ablated values).
 EXPECTED_JOBS = {
@@ -101,6 +102,13 @@ def test_launcher_presets_compose_with_their_overrides() -> None:
     assert local.hydra.launcher._target_.endswith("JoblibLauncher") and local.hydra.launcher.n_jobs == 3
     # The sweep directory is still the app's (prepare_command_line gives each multirun a fresh one).
     assert local.hydra.sweep.dir.startswith("runs/")
+
+
+def test_documented_launcher_command_line_passes_the_app_check() -> None:
+    """docs/experiments.md's parallel command: the launcher group is selected before its keys are checked."""
+    argv = ["-m", "experiment=dmc_cpu_small", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2"]
+    prepared = prepare_command_line(argv)
+    assert prepared[: len(argv)] == argv and prepared[-1].startswith("hydra.sweep.dir=")
 
 
 # ------------------------------------------------------------------------------------- budget-matched ranks
