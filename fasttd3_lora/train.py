@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Protocol
 
 import hydra
 import numpy as np
@@ -175,6 +175,25 @@ def episode_seed(seed: int, env_step: int, stream: int) -> int:
 def crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]."""
     return after // every > before // every
+
+
+class StepEvents(NamedTuple):
+    """What the agent step that just ended asks of a training loop."""
+
+    end: bool  # total_env_steps reached
+    evaluation: bool  # an eval_every boundary crossed (or the end)
+    checkpoint: bool  # a checkpoint_every boundary crossed, an evaluation that keeps its checkpoint, or the end
+
+
+def advance(counters: Counters, env_steps: int, cfg: DictConfig) -> StepEvents:
+    """Count one agent step of `env_steps` simulator steps and say which of the run's events fall in it."""
+    before = counters.env_step
+    counters.env_step += env_steps
+    counters.agent_step += 1
+    end = counters.env_step >= cfg.total_env_steps
+    evaluation = crossed(before, counters.env_step, cfg.eval_every) or end
+    checkpoint = crossed(before, counters.env_step, cfg.checkpoint_every) or (evaluation and cfg.keep_eval_checkpoints)
+    return StepEvents(end, evaluation, checkpoint or end)
 
 
 def seed_everything(seed: int) -> None:
@@ -386,16 +405,7 @@ def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (
                     action = agent.act(obs)
                 td = TensorDict({"observation": obs, "action": action.cpu()}, batch_size=[num_envs])
                 td, next_td = env.step_and_maybe_reset(td)
-                before = counters.env_step
-                counters.env_step += env_steps_per_agent_step
-                counters.agent_step += 1
-                end = counters.env_step >= cfg.total_env_steps
-                evaluation = crossed(before, counters.env_step, cfg.eval_every) or end
-                checkpoint = (
-                    crossed(before, counters.env_step, cfg.checkpoint_every)
-                    or (evaluation and cfg.keep_eval_checkpoints)
-                    or end
-                )
+                end, evaluation, checkpoint = advance(counters, env_steps_per_agent_step, cfg)
 
                 # 2. store; a checkpoint ends every episode (a time-out, so the target bootstraps)
                 nxt = td["next"]

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from fasttd3_lora import train as train_mod
 from fasttd3_lora.checkpoint import load_checkpoint, save_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config
 from fasttd3_lora.run_logging import MetricsCSV, Progress, RunLogger
-from fasttd3_lora.train import NonFiniteError, UpdateMetrics, crossed, prepare_command_line, train
+from fasttd3_lora.train import Counters, NonFiniteError, UpdateMetrics, advance, crossed, prepare_command_line, train
 
 # 25 agent steps per episode (50 control steps, action repeat 2); 150 agent steps in all, updates after 50.
 TINY = [
@@ -181,6 +183,26 @@ def test_crossed_marks_each_multiple_once() -> None:
     steps = range(0, 1000, 6)
     hits = [b for a, b in zip(steps, steps[1:]) if crossed(a, b, 100)]
     assert len(hits) == 9 and all(h % 100 < 6 for h in hits)
+
+
+@settings(max_examples=60, deadline=None)
+@given(step=st.integers(1, 64), total=st.integers(1, 3000), eval_every=st.integers(1, 500),
+       checkpoint_every=st.integers(1, 500), keep=st.booleans())  # fmt: skip
+def test_advance_reports_each_event_at_the_step_that_reaches_it(step, total, eval_every, checkpoint_every, keep) -> None:
+    """Against brute force: an evaluation when some multiple of eval_every was reached during the step (or the run
+    ends), a checkpoint likewise for checkpoint_every, for a kept evaluation, and at the end."""
+    cfg = OmegaConf.create(dict(total_env_steps=total, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                                keep_eval_checkpoints=keep))  # fmt: skip
+    counters, agent_steps = Counters(), 0
+    while counters.env_step < total:
+        before = counters.env_step
+        end, evaluation, checkpoint = advance(counters, step, cfg)
+        agent_steps += 1
+        reached = range(before + 1, counters.env_step + 1)
+        assert end == (counters.env_step >= total)
+        assert evaluation == (any(s % eval_every == 0 for s in reached) or end)
+        assert checkpoint == (any(s % checkpoint_every == 0 for s in reached) or (evaluation and keep) or end)
+    assert counters.agent_step == agent_steps and counters.env_step == agent_steps * step
 
 
 # --------------------------------------------------------------------------------------------- the CLI

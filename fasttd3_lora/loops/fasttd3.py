@@ -49,8 +49,8 @@ from fasttd3_lora.train import (
     Counters,
     StopGuard,
     UpdateMetrics,
+    advance,
     checkpoint_state,
-    crossed,
     episode_seed,
     evaluate,
     reported_stops,
@@ -200,16 +200,7 @@ def train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
                 td = current.clone(recurse=False)
                 td.set("action", action.to(env.device))
                 td, next_td = env.step_and_maybe_reset(td)
-                before = counters.env_step
-                counters.env_step += env_steps_per_agent_step
-                counters.agent_step += 1
-                end = counters.env_step >= cfg.total_env_steps
-                evaluation = crossed(before, counters.env_step, cfg.eval_every) or end
-                checkpoint = (
-                    crossed(before, counters.env_step, cfg.checkpoint_every)
-                    or (evaluation and cfg.keep_eval_checkpoints)
-                    or end
-                )
+                end, evaluation, checkpoint = advance(counters, env_steps_per_agent_step, cfg)
                 # Episodes restart after a checkpoint (exact resume), and on Isaac Lab after rank 0's evaluation.
                 restart = checkpoint or (evaluation and shares_env and lead)
 
