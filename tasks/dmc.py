@@ -191,7 +191,9 @@ class DMCEnv(EnvBase):
                 f"{self.task_name}: envs {np.flatnonzero(self._needs_reset).tolist()} must be reset before "
                 "stepping (new env or episode over): use reset() or step_and_maybe_reset()"
             )
-        scaled = self._offset_np + self._scale_np * action  # float64, what dm_control consumes
+        # float64, what dm_control consumes; C order because the slices travel as raw buffers (a policy's output
+        # can be a transposed view, and numpy keeps that layout)
+        scaled = np.ascontiguousarray(self._offset_np + self._scale_np * action)
         obs, reward, terminated, truncated = self._gather(
             self._pool.call("step", [scaled[lo:hi] for lo, hi in self._bounds])
         )

@@ -227,6 +227,19 @@ def test_actions_outside_unit_box_are_rejected(cheetah2, inside, where, bad):
         env.step(TensorDict({"action": a}, [2]))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_transposed_action_view_steps_like_its_contiguous_copy(num_workers):
+    """A policy's output can be a non-contiguous view (e.g. `(W @ x.mT).mT`): same result as a contiguous copy."""
+    actions = torch.rand(CHEETAH_ACT, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    results = []
+    for action in (actions.mT, actions.mT.contiguous()):
+        assert action.is_contiguous() == (len(results) == 1)
+        with DMCEnv("dmc/cheetah-run", 3, seed=4, num_workers=num_workers) as env:
+            td = env.step(env.reset().set("action", action))
+            results.append(td["next", "observation"])
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+
+
 def test_seeding_is_reproducible_and_independent_of_workers():
     actions = random_actions(4, 3, CHEETAH_ACT, seed=1)
 
