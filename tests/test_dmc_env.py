@@ -379,6 +379,9 @@ def test_close_and_context_manager_end_the_workers(num_workers):
 
 _SCRIPT = """
 import os, signal, sys, torch
+# Python leaves SIGINT ignored when its parent ignored it (e.g. pytest started in the background by a shell):
+# make Ctrl-C raise KeyboardInterrupt as in a terminal, which is the case this test is about.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from fasttd3_lora.tasks.dmc import DMCEnv
 env = DMCEnv("dmc/cheetah-run", 2, seed=0, num_workers=2)
 td = env.reset()
