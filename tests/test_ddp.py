@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fasttd3_lora.distributed import RANK_SEED_OFFSET, rank_seed
+from tiny_runs import SMALL_NETS
 
 WORLD = 2
 OVERRIDES = [
@@ -24,13 +25,7 @@ OVERRIDES = [
     "total_env_steps=2560",  # 20 agent steps of 2 x 64 envs: (20 - 10) x 4 = 40 updates per rank
     "eval_every=1280",
     "checkpoint_every=100000",
-    "scale.critic_hidden_dim=32",
-    "scale.critic_num_blocks=1",
-    "critic.rank=8",
-    "critic.alpha=8",
-    "algo.num_atoms=11",
-    "algo.actor_hidden_dim=16",
-    "algo.amp_bf16=false",
+    *SMALL_NETS,
 ]
 
 

@@ -18,20 +18,12 @@ from fasttd3_lora.export import export_checkpoint
 from fasttd3_lora.loops import fasttd3 as loop
 from fasttd3_lora.tasks import isaaclab
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
-from fasttd3_lora.train import UpdateMetrics, train
+from fasttd3_lora.train import train
 
 import isaaclab_standin as standin
+from tiny_runs import SMALL_NETS, Crash, crash_at
 
 
-SMALL_NETS = [
-    "scale.critic_hidden_dim=32",
-    "scale.critic_num_blocks=1",
-    "critic.rank=8",
-    "critic.alpha=8",
-    "algo.num_atoms=11",
-    "algo.actor_hidden_dim=16",
-    "algo.amp_bf16=false",
-]
 # 4 DMC envs, 25-step episodes: 4 env steps per agent step, 50 agent steps, updates after the first 10.
 DMC_TINY = [
     "algo=fasttd3",
@@ -60,14 +52,6 @@ ISAAC_TINY = [
     *SMALL_NETS,
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "disabled"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------- DMC
@@ -108,25 +92,14 @@ def test_dmc_run_trains_evaluates_checkpoints_and_exports(dmc_run, tmp_path: Pat
     assert result.max_abs_diff < 1e-4
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(dmc_run, tmp_path: Path, monkeypatch) -> None:
     whole_dir, whole = dmc_run
     cfg = compose_config(DMC_TINY)
     # The same run dies at env_step 140, after updates past its checkpoint at 100; then it is resumed.
-    add = UpdateMetrics.add
-
-    def dying_add(self, updates, env_step, num_updates):
-        add(self, updates, env_step, num_updates)
-        if env_step == 140:
-            raise Crash
-
-    monkeypatch.setattr(UpdateMetrics, "add", dying_add)
+    crash_at(monkeypatch, 140)
     with pytest.raises(Crash):
         train(cfg, tmp_path / "broken", DMC_TINY)
-    monkeypatch.setattr(UpdateMetrics, "add", add)
+    monkeypatch.undo()
     resumed = train(compose_config([*DMC_TINY, f"resume={tmp_path / 'broken'}"]), tmp_path / "broken", DMC_TINY)
 
     assert (resumed.env_step, resumed.agent_step, resumed.last_eval_return) == (

@@ -18,7 +18,8 @@ from fasttd3_lora.report import main as report_main
 from fasttd3_lora.report import write_report
 from fasttd3_lora.run_status import read_status, recording_outcome, write_status
 from fasttd3_lora.sac import SAC
-from fasttd3_lora.train import NonFiniteError, UpdateMetrics, train
+from fasttd3_lora.train import NonFiniteError, train
+from tiny_runs import Crash, crash_at
 
 # tests/test_train.py's tiny run: 150 agent steps of a 32-wide critic on cartpole-balance, evals every 100 env steps.
 TINY = [
@@ -28,10 +29,6 @@ TINY = [
     "checkpoint_every=100", "eval_episodes=2",
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "disabled"}
-
-
-class Crash(BaseException):
-    """A process dying mid-run (SIGKILL-like: no except clause sees it, so no status.json is written)."""
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +41,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     # rank 64 > hidden 32: those two jobs are refused; the sweep still runs the others, then exits 1
     assert proc.returncode == 1 and "critic.rank=64: allowed an integer in [1, 32]" in proc.stderr, proc.stderr[-2000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    mp = pytest.MonkeyPatch()
+    mp = pytest.MonkeyPatch()  # a module-scoped fixture cannot use the function-scoped `monkeypatch`
     try:
         # stopped: the non-finite guard fires at the 7th update
         update = SAC.update
@@ -62,19 +57,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             train(compose_config([*TINY, "seed=2"]), root / "stopped", TINY)
         mp.undo()
         # unfinished: dies at env_step 250, after its evaluations at 100 and 200
-        add = UpdateMetrics.add
-
-        def dying_add(self, updates, env_step, num_updates):
-            add(self, updates, env_step, num_updates)
-            if env_step == 250:
-                raise Crash
-
-        mp.setattr(UpdateMetrics, "add", dying_add)
+        crash_at(mp, 250)
         with pytest.raises(Crash):
             train(compose_config([*TINY, "seed=3"]), root / "unfinished", TINY)
     finally:
         mp.undo()
-        torch.set_num_threads(threads)
     # no-eval: a finished run whose metrics.csv has lost its evaluation rows
     first = sorted((root / "sweep").glob("0_*"))[0]
     shutil.copytree(first, root / "no_eval")

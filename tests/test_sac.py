@@ -36,15 +36,6 @@ LORA_FIELDS = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls: one thread avoids OpenMP spin-waits on a shared 2-core machine (10x slower otherwise).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_cfg(kind: str = "lora", **overrides) -> SACConfig:
     fields = dict(
         num_envs=4, action_repeat=1, updates_per_step=1, batch_size=N, buffer_size=1000, learning_starts=0,

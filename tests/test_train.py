@@ -24,7 +24,8 @@ from fasttd3_lora import train as train_mod
 from fasttd3_lora.checkpoint import load_checkpoint, save_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config
 from fasttd3_lora.run_logging import MetricsCSV, Progress, RunLogger
-from fasttd3_lora.train import Counters, NonFiniteError, UpdateMetrics, advance, crossed, prepare_command_line, train
+from fasttd3_lora.train import Counters, NonFiniteError, advance, crossed, prepare_command_line, train
+from tiny_runs import Crash, crash_at
 
 # 25 agent steps per episode (50 control steps, action repeat 2); 150 agent steps in all, updates after 50.
 TINY = [
@@ -87,28 +88,17 @@ def agent_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------- the loop in-process
 
 
-class Crash(BaseException):
-    """Stands for a process dying mid-run (it bypasses every `except Exception`)."""
-
-
 def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = compose_config(TINY)
     whole = train(cfg, tmp_path / "whole", TINY)
 
     # The same run dies at env_step 290, after updates past its checkpoint at 200; then it is resumed.
-    add = UpdateMetrics.add
-
-    def dying_add(self, updates, env_step, num_updates):
-        add(self, updates, env_step, num_updates)
-        if env_step == 290:
-            raise Crash
-
-    monkeypatch.setattr(UpdateMetrics, "add", dying_add)
+    crash_at(monkeypatch, 290)
     with pytest.raises(Crash):
         train(cfg, tmp_path / "broken", TINY)
     assert load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")["meta"]["counters"]["env_step"] == 200
     assert rows(tmp_path / "broken")[-1]["env_step"] == "250"  # a row past the checkpoint, to be dropped
-    monkeypatch.setattr(UpdateMetrics, "add", add)
+    monkeypatch.undo()
     resumed = train(compose_config([*TINY, f"resume={tmp_path / 'broken'}"]), tmp_path / "broken", TINY)
 
     assert (resumed.env_step, resumed.agent_step, resumed.last_eval_return) == (
