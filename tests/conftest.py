@@ -5,6 +5,14 @@ cores (a 100-step test measured 23 s with 2 threads vs 0.6 s with 1), and single
 bitwise comparisons (exact resume, twin == singles) independent of the machine's core count.
 """
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    """Re-pinned before every test: code under test may change the count (the chain experiment sets its own), and
+    a later bit-exact comparison must not depend on which tests ran before it."""
+    torch.set_num_threads(1)
