@@ -3,7 +3,9 @@
 `W = W0 + s B A` with `s = alpha / r`, a frozen buffer `W0` (rows of squared norm `base_init_scale`, Eq. 14) and
 trainable adapters `A (r x in)`, `B (out x r)`, both N(0, 1/r) (Eq. 15). After init and after every optimiser
 step, `project_()` rescales each row of `B` by the positive root `c_i` of `||w0_i + c_i dw_i|| = 1`
-(Eqs. 11-13), so the effective rows are unit norm while `W0` is never touched.
+(Eqs. 11-13), so the effective rows are unit norm while `W0` is never touched, and keeps
+`W_eff = W0 + diag(c) s B A` from the same product as the buffer `w_eff` (the dense forward and the target
+critic use it; it is saved with the model).
 
 The math is in pure functions (`lora_delta`, `positive_root`, `projection_factors`, `hyperspherical_lora_weight`)
 so a fused kernel can replace them.
@@ -35,7 +37,7 @@ ROOT_EPS = 1e-30
 
 def lora_delta(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
     """`dW = s B A`: (out, r) @ (r, in) -> (out, in), batched over a leading ensemble axis."""
-    return scale * (lora_B @ lora_A)
+    return (lora_B @ lora_A).mul_(scale)  # in place: the product is fresh, and an (out, in) temporary is not free
 
 
 def positive_root(a: Tensor, b: Tensor, g: Tensor, eps: float = ROOT_EPS) -> Tensor:
@@ -176,8 +178,10 @@ class LoRALinear(Projected):
         self.register_buffer("base", base)
         self.lora_A = nn.Parameter(torch.empty(*lead, rank, in_features))
         self.lora_B = nn.Parameter(torch.empty(*lead, out_features, rank))
-        # (W_eff, key) from the last project_(); not state (never saved), only used while the key matches.
-        self._w_eff_cache: tuple[Tensor, tuple[int, ...]] | None = None
+        # W0 + diag(c) ΔW from the last project_(): state, saved with the model, because it equals W0 + s B A
+        # only up to rounding (one product per projection instead of two). Used while `_w_eff_key` matches.
+        self.register_buffer("w_eff", torch.empty_like(base))
+        self._w_eff_key: tuple[int, ...] | None = None
         self.reset_adapters_()
 
     @torch.no_grad()
@@ -221,13 +225,12 @@ class LoRALinear(Projected):
         return lora_delta(self.lora_A, self.lora_B, self.scale)
 
     def effective_weight(self) -> Tensor:
-        """`W0 + s B A`, differentiable in A and B: in eager mode the W_eff cached by the last `project_()` while
-        W0, A, B are unchanged since (read-only: do not modify it in place); otherwise (stale, or under
-        torch.compile, which cannot guard on `_version`) computed by the fused op. Both are bit-identical."""
-        if not torch.compiler.is_compiling() and self._w_eff_cache is not None:
-            w_eff, key = self._w_eff_cache
-            if key == self._cache_key():
-                return cached_lora_weight(w_eff, self.lora_A, self.lora_B, self.scale)
+        """`W0 + s B A`, differentiable in A and B: in eager mode the `w_eff` buffer written by the last
+        `project_()` (or loaded with it) while W0, A, B are unchanged since (read-only: do not modify it in
+        place); otherwise (stale, or under torch.compile, which cannot guard on `_version`) computed by the
+        fused op from the current A, B. The two agree to rounding (~1e-7 relative in fp32)."""
+        if not torch.compiler.is_compiling() and self._w_eff_key == self._cache_key():
+            return cached_lora_weight(self.w_eff, self.lora_A, self.lora_B, self.scale)
         return lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False)[0]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -242,15 +245,41 @@ class LoRALinear(Projected):
         return linear(x, self.base) + low_rank if self.use_base else low_rank
 
     def _cache_key(self) -> tuple[int, ...]:
-        """Changes whenever W0, A or B change in place (optimiser step, load_state_dict) or are replaced (.to())."""
-        return tuple(v for t in (self.base, self.lora_A, self.lora_B) for v in (t._version, t.data_ptr()))
+        """Changes whenever W0, A, B or W_eff change in place (optimiser step, load_state_dict) or are replaced
+        (.to())."""
+        tensors = (self.base, self.lora_A, self.lora_B, self.w_eff)
+        return tuple(v for t in tensors for v in (t._version, t.data_ptr()))
 
     @torch.no_grad()
     def project_(self) -> None:
-        """`B_i <- c_i B_i` (Eqs. 11-13; skipped for LoRA-NoWN) and the cached W_eff refreshed, in one fused call
-        (`fasttd3_lora.kernels.lora_weight`; its reference keeps the root in fp32 under autocast). W0 untouched."""
-        w_eff, _ = lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=self.project)
-        self._w_eff_cache = (w_eff, self._cache_key())
+        """`B_i <- c_i B_i` (Eqs. 11-13; skipped for LoRA-NoWN) and `w_eff = W0 + diag(c) s B A` refreshed, in one
+        fused call (`fasttd3_lora.kernels.lora_weight`; its reference keeps the root in fp32 under autocast).
+        W0 untouched."""
+        self.w_eff, _ = lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=self.project)
+        self._w_eff_key = self._cache_key()
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, pickle) get new tensors with new version counters: carry "w_eff is current" over
+        # as a flag, so a copy serves the same W_eff as the original instead of a recomputation (~1e-7 off).
+        state = super().__getstate__()
+        state["_w_eff_key"] = self._w_eff_key == self._cache_key()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._w_eff_key = self._cache_key() if self._w_eff_key is True else None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # noqa: ANN001 (nn.Module's signature)  # fmt: skip
+        """A loaded `w_eff` is current for the loaded A, B; a state dict from before it was saved gets it
+        recomputed as `W0 + s B A` (not re-projected: B stays as saved)."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
+        if prefix + "w_eff" in missing_keys:
+            missing_keys.remove(prefix + "w_eff")
+            with torch.no_grad():
+                self.w_eff = lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False)[0]
+        self._w_eff_key = self._cache_key()
 
     def extra_repr(self) -> str:
         return (

@@ -4,9 +4,10 @@ Two ops share one implementation, which runs the fused Triton kernel (`triton_lo
 reference of `fasttd3_lora.lora` (the CPU path and the tests' oracle):
 
 * `fasttd3_lora::lora_weight_project_(base, lora_A, lora_B!, scale, backend) -> (W_eff, c)` projects: it
-  scales the rows of `lora_B` by `c` in place (a declared mutation) and returns `W_eff = W0 + s B_new A`
-  (= `W0 + diag(c) s B A`, computed from the stored new B so that it equals the dense op's result bit for bit).
-  It is a parameter update, run after an optimiser step, so it has no autograd formula of its own.
+  scales the rows of `lora_B` by `c` in place (a declared mutation) and returns `W_eff = W0 + diag(c) s B A`
+  from the one product `s B A` of the B it was given (equal to `W0 + s B_new A` up to rounding; a layer keeps
+  this W_eff as state, see `LoRALinear`). It is a parameter update, run after an optimiser step, so it has no
+  autograd formula of its own.
 * `fasttd3_lora::lora_weight_dense(base, lora_A, lora_B, scale, backend) -> W_eff = W0 + s B A` is the
   differentiable forward use of the weight (gradients to A and B only, `lora_weight_backward`).
 
@@ -39,8 +40,9 @@ def lora_weight_backward(grad_w: Tensor, lora_A: Tensor, lora_B: Tensor, scale: 
 
 def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project: bool, backend: str):
     """Shared body of both ops: `(W_eff in base.dtype, c in fp32)`; scales `lora_B` in place iff `project`.
-    W_eff is always `W0 + s B A` from the B as stored on return, by the same arithmetic with or without the
-    projection, so a W_eff cached after projecting equals a later recomputation exactly (bit-exact resume)."""
+    One product ΔW = s B A (with B as given) serves the root and the weight, `W_eff = W0 + diag(c) ΔW`
+    (DESIGN §3; c = 1 without projection), accumulated in fp32 and rounded once to base.dtype: the same
+    arithmetic as the reference `hyperspherical_lora_weight` and the Triton kernel's pass 2."""
     # Imported here, not at the top: fasttd3_lora.lora imports this package for LoRALinear (an import cycle
     # otherwise). This body runs as the op's kernel, never under Dynamo, so the import is a dict lookup.
     from fasttd3_lora.lora import ROOT_EPS, lora_delta, projection_factors
@@ -52,19 +54,16 @@ def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project
         w_eff = torch.empty_like(base)
         triton_lora.launch(base, lora_A, lora_B, w_eff, c, scale, ROOT_EPS, project)
         return w_eff, c
-    if project:
-        # The reference's root (projection_factors -> positive_root, Eq. 13) in fp32 whatever the autocast
-        # state. Not hyperspherical_lora_weight: its W_eff comes from the unrounded c·ΔW (see the docstring),
-        # and computing it only to drop it cost an extra pass over W.
-        with torch.autocast(base.device.type, enabled=False):
-            c = projection_factors(base, lora_delta(lora_A.float(), lora_B.float(), scale))
-        lora_B.mul_(c.unsqueeze(-1))
-    # W0 + s B A in the inputs' own dtype (the reference upcasts to fp32, which would round float64 inputs and
-    # spoil gradcheck; for fp32 it is the same arithmetic), with autocast off as in the reference and the
-    # kernel: a bf16 autocast region would otherwise round s B A to bf16.
+    # fp32 accumulation whatever the autocast state (a bf16 region would round ΔW to bf16); float64 inputs stay
+    # float64 so gradcheck sees exact arithmetic.
+    work = torch.promote_types(base.dtype, torch.float32)
     with torch.autocast(base.device.type, enabled=False):
-        w_eff = base + lora_delta(lora_A, lora_B, scale)
-    return w_eff, c
+        delta = lora_delta(lora_A.to(work), lora_B.to(work), scale)
+        if project:
+            c = projection_factors(base, delta)  # Eq. 13's root, fp32
+            lora_B.mul_(c.unsqueeze(-1))
+            delta.mul_(c.unsqueeze(-1))
+        return delta.add_(base).to(base.dtype), c
 
 
 @triton_op("fasttd3_lora::lora_weight_project_", mutates_args={"lora_B"})

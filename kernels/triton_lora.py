@@ -3,14 +3,12 @@
 One launch per layer (or per stacked ensemble of layers): each program owns a block of rows of one ensemble
 member and loops over the input columns twice. Pass 1 recomputes the tile ΔW = s·B·A on the fly and
 accumulates the per-row a_i = ||Δw_i||², b_i = <w0_i, Δw_i> and ||w0_i||², solves Eq. 13 for c_i and writes
-B_i ← c_i·B_i. Pass 2 recomputes the tile from the new B and writes W_eff = W0 + s·B_new·A (= W0 + diag(c)·ΔW
-in exact arithmetic; computed from the stored B_new, it is bit-for-bit what the unprojected launch gives for
-the same parameters, so a cached W_eff and a recomputed one agree exactly). ΔW never touches memory:
-recomputing it costs 4·r flop per element over both passes, against 6 bytes per element of W0/W_eff
-traffic in bf16, which keeps a bf16 launch at r = 96 memory-bound on tensor cores (fp32 inputs use exact
-"ieee" dots on the CUDA cores and may be compute-bound instead: see docs/kernels.md). Everything
-accumulates in float32 whatever the input dtype. This module needs triton; `fasttd3_lora.kernels`
-imports it lazily.
+B_i ← c_i·B_i. Pass 2 recomputes the tile from the B it was given and writes W_eff = W0 + diag(c)·ΔW
+(DESIGN §3), the torch reference's arithmetic. ΔW never touches memory: recomputing it costs 4·r flop per
+element over both passes, against 6 bytes per element of W0/W_eff traffic in bf16, which keeps a bf16 launch
+at r = 96 memory-bound on tensor cores (fp32 inputs use exact "ieee" dots on the CUDA cores and may be
+compute-bound instead: see docs/kernels.md). Everything accumulates in float32 whatever the input dtype.
+This module needs triton; `fasttd3_lora.kernels` imports it lazily.
 """
 
 from __future__ import annotations
@@ -57,9 +55,8 @@ def _delta_tile(b_tile, a_tile, scale, UPCAST: tl.constexpr):
     return tl.dot(b_tile, a_tile, input_precision="ieee", out_dtype=tl.float32) * scale
 
 
-# PROJECT is deliberately not in the key: the projecting and the plain launch of one shape share a tiling,
-# so their pass 2 runs the same arithmetic and their W_eff agree bit for bit. restore_value: benchmarking
-# runs the kernel several times, and each run scales B in place.
+# PROJECT is not in the key: the projecting and the plain launch of one shape share one tuning run.
+# restore_value: benchmarking runs the kernel several times, and each run scales B in place.
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "R_PAD"], restore_value=["b_ptr"])
 @triton.jit
 def _hyperspherical_lora_kernel(
@@ -118,10 +115,12 @@ def _hyperspherical_lora_kernel(
         denominator = tl.where(nonneg, acc_b + sqrt_d, acc_a)
         c = numerator / tl.maximum(denominator, eps)
         tl.store(c_ptr + pid_e * s_c_e + rows, c, mask=row_ok)
-        b_tile = (b_tile.to(tl.float32) * c[:, None]).to(b_ptr.dtype.element_ty)
-        tl.store(b_ptrs, b_tile, mask=b_mask)
+        tl.store(b_ptrs, (b_tile.to(tl.float32) * c[:, None]).to(b_ptr.dtype.element_ty), mask=b_mask)
+    else:
+        c = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
 
-    # Pass 2: W_eff = W0 + s·B·A with the B now stored (projected or not), the same arithmetic either way.
+    # Pass 2: W_eff = W0 + diag(c)·ΔW with ΔW from the B the launch was given (b_tile still holds it), the torch
+    # reference's arithmetic; c = 1 without projection.
     a_ptrs = a_ptrs0
     w0_ptrs = w0_ptrs0
     w_ptrs = w_ptr + pid_e * s_w_e + rows[:, None] * s_w_m + offs_n[None, :] * s_w_n
@@ -130,7 +129,7 @@ def _hyperspherical_lora_kernel(
         tile_mask = row_ok[:, None] & col_ok[None, :]
         a_tile = tl.load(a_ptrs, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         w0 = tl.load(w0_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-        w_eff = w0 + _delta_tile(b_tile, a_tile, scale, UPCAST_DOT)
+        w_eff = w0 + c[:, None] * _delta_tile(b_tile, a_tile, scale, UPCAST_DOT)
         tl.store(w_ptrs, w_eff.to(w_ptr.dtype.element_ty), mask=tile_mask)
         a_ptrs += BLOCK_N * s_a_n
         w0_ptrs += BLOCK_N * s_w0_n
