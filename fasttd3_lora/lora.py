@@ -35,9 +35,9 @@ __all__ = [
 ROOT_EPS = 1e-30
 
 
-def lora_delta(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
-    """`dW = s B A`: (out, r) @ (r, in) -> (out, in), batched over a leading ensemble axis."""
-    return (lora_B @ lora_A).mul_(scale)  # in place: the product is fresh, and an (out, in) temporary is not free
+def lora_delta(lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """`dW = s B A`: (out, r) @ (r, in) -> (out, in), batched over a leading ensemble axis; into `out` if given."""
+    return torch.matmul(lora_B, lora_A, out=out).mul_(scale)  # scaled in place: no second (out, in) temporary
 
 
 def positive_root(a: Tensor, b: Tensor, g: Tensor, eps: float = ROOT_EPS) -> Tensor:
@@ -255,7 +255,9 @@ class LoRALinear(Projected):
         """`B_i <- c_i B_i` (Eqs. 11-13; skipped for LoRA-NoWN) and `w_eff = W0 + diag(c) s B A` refreshed, in one
         fused call (`fasttd3_lora.kernels.lora_weight`; its reference keeps the root in fp32 under autocast).
         W0 untouched."""
-        self.w_eff, _ = lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=self.project)
+        # In place: W_eff's memory is reused every step (a graph still holding the old W_eff would fail its
+        # backward on the version check, never read the new values).
+        lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=self.project, out=self.w_eff)
         self._w_eff_key = self._cache_key()
 
     def __getstate__(self) -> dict:

@@ -3,11 +3,11 @@
 Two ops share one implementation, which runs the fused Triton kernel (`triton_lora.py`) or the pure-torch
 reference of `fasttd3_lora.lora` (the CPU path and the tests' oracle):
 
-* `fasttd3_lora::lora_weight_project_(base, lora_A, lora_B!, scale, backend) -> (W_eff, c)` projects: it
-  scales the rows of `lora_B` by `c` in place (a declared mutation) and returns `W_eff = W0 + diag(c) s B A`
-  from the one product `s B A` of the B it was given (equal to `W0 + s B_new A` up to rounding; a layer keeps
-  this W_eff as state, see `LoRALinear`). It is a parameter update, run after an optimiser step, so it has no
-  autograd formula of its own.
+* `fasttd3_lora::lora_weight_refresh_(base, lora_A, lora_B!, w_eff!, scale, project, backend) -> c` refreshes
+  a layer after an optimiser step: with `project` it scales the rows of `lora_B` by `c` in place, and it
+  writes `W_eff = W0 + diag(c) s B A` into `w_eff` from the one product `s B A` of the B it was given (equal
+  to `W0 + s B_new A` up to rounding; a layer keeps this W_eff as state, see `LoRALinear`). Both mutations
+  are declared. It is a parameter update, so it has no autograd formula of its own.
 * `fasttd3_lora::lora_weight_dense(base, lora_A, lora_B, scale, backend) -> W_eff = W0 + s B A` is the
   differentiable forward use of the weight (gradients to A and B only, `lora_weight_backward`).
 
@@ -38,11 +38,14 @@ def lora_weight_backward(grad_w: Tensor, lora_A: Tensor, lora_B: Tensor, scale: 
     return scale * (lora_B.mT @ grad_w), scale * (grad_w @ lora_A.mT)
 
 
-def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project: bool, backend: str):
-    """Shared body of both ops: `(W_eff in base.dtype, c in fp32)`; scales `lora_B` in place iff `project`.
-    One product ΔW = s B A (with B as given) serves the root and the weight, `W_eff = W0 + diag(c) ΔW`
-    (DESIGN §3; c = 1 without projection), accumulated in fp32 and rounded once to base.dtype: the same
-    arithmetic as the reference `hyperspherical_lora_weight` and the Triton kernel's pass 2."""
+def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project: bool, backend: str,
+             w_eff: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Shared body of both ops: `(W_eff in base.dtype, c in fp32)`; scales `lora_B` in place iff `project`;
+    writes W_eff into `w_eff` when given (no allocation: on this project's VM a fresh (out, in) buffer per step
+    cost more page faults than the arithmetic). One product ΔW = s B A (with B as given) serves the root and
+    the weight, `W_eff = W0 + diag(c) ΔW` (DESIGN §3; c = 1 without projection), accumulated in fp32 and
+    rounded once to base.dtype: the arithmetic of the reference `hyperspherical_lora_weight` and of the
+    Triton kernel's pass 2."""
     # Imported here, not at the top: fasttd3_lora.lora imports this package for LoRALinear (an import cycle
     # otherwise). This body runs as the op's kernel, never under Dynamo, so the import is a dict lookup.
     from fasttd3_lora.lora import ROOT_EPS, lora_delta, projection_factors
@@ -51,24 +54,31 @@ def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project
     if backend == "triton":
         from fasttd3_lora.kernels import triton_lora  # lazy: importing triton costs ~1 s and is optional
 
-        w_eff = torch.empty_like(base)
+        w_eff = torch.empty_like(base) if w_eff is None else w_eff
         triton_lora.launch(base, lora_A, lora_B, w_eff, c, scale, ROOT_EPS, project)
         return w_eff, c
     # fp32 accumulation whatever the autocast state (a bf16 region would round ΔW to bf16); float64 inputs stay
     # float64 so gradcheck sees exact arithmetic.
     work = torch.promote_types(base.dtype, torch.float32)
+    in_place = w_eff is not None and w_eff.dtype == work
     with torch.autocast(base.device.type, enabled=False):
-        delta = lora_delta(lora_A.to(work), lora_B.to(work), scale)
+        delta = lora_delta(lora_A.to(work), lora_B.to(work), scale, out=w_eff if in_place else None)
         if project:
             c = projection_factors(base, delta)  # Eq. 13's root, fp32
             lora_B.mul_(c.unsqueeze(-1))
             delta.mul_(c.unsqueeze(-1))
-        return delta.add_(base).to(base.dtype), c
+        delta.add_(base)
+    if w_eff is None:
+        return delta.to(base.dtype), c
+    if not in_place:
+        w_eff.copy_(delta)
+    return w_eff, c
 
 
-@triton_op("fasttd3_lora::lora_weight_project_", mutates_args={"lora_B"})
-def _project_op(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return _compute(base, lora_A, lora_B, scale, True, backend)
+@triton_op("fasttd3_lora::lora_weight_refresh_", mutates_args={"lora_B", "w_eff"})
+def _refresh_op(base: Tensor, lora_A: Tensor, lora_B: Tensor, w_eff: Tensor, scale: float, project: bool,
+                backend: str) -> Tensor:  # fmt: skip
+    return _compute(base, lora_A, lora_B, scale, project, backend, w_eff)[1]
 
 
 @triton_op("fasttd3_lora::lora_weight_dense", mutates_args=())
@@ -159,14 +169,16 @@ def lora_weight(
     *,
     project: bool = True,
     backend: str = "auto",
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`(W_eff, c)` for one LoRA layer or a stacked ensemble (DESIGN §3, Eqs. 11-13).
 
     `base` (out, in) or (E, out, in), `lora_A` (..., r, in), `lora_B` (..., out, r), one dtype (float32 or
     bfloat16 for Triton; accumulation is float32), `scale = alpha / r`. With `project`, `c` (float32,
     `base.shape[:-1]`) is the positive root of Eq. 13 per row, `lora_B` is scaled by it **in place** and
-    `W_eff = W0 + s B_new A = W0 + diag(c) s B A` has unit rows; without it, `c` is all ones and nothing is
-    mutated.
+    `W_eff = W0 + diag(c) s B A` (B as given; equal to `W0 + s B_new A` up to rounding) has unit rows; without
+    it, `c` is all ones and nothing is mutated. `out` (like `base`) receives W_eff in place, which is then
+    returned.
     `W_eff` has `base`'s dtype and back-propagates to `lora_A`, `lora_B` as `W0 + s B A` with the (new) B.
     `backend`: "auto" (Triton for CUDA tensors, torch elsewhere), "triton" (forced; CPU tensors need
     TRITON_INTERPRET=1) or "torch" (the reference).
@@ -174,11 +186,17 @@ def lora_weight(
     _check_inputs(base, lora_A, lora_B, scale)
     resolved = _resolve_backend(backend, base)
     scale = float(scale)
-    if not project:
+    if not project and out is None:
         w_eff = _dense_op(base, lora_A, lora_B, scale, resolved)
         return w_eff, torch.ones(base.shape[:-1], dtype=torch.float32, device=base.device)
+    if out is not None and (out.shape != base.shape or out.dtype != base.dtype or out.device != base.device):
+        raise ValueError(
+            f"out must match base ({tuple(base.shape)}, {base.dtype}, {base.device}), "
+            f"got ({tuple(out.shape)}, {out.dtype}, {out.device})"
+        )
+    w_eff = torch.empty_like(base) if out is None else out
     with torch.no_grad():
-        w_eff, c = _project_op(base, lora_A.detach(), lora_B.detach(), scale, resolved)
+        c = _refresh_op(base, lora_A.detach(), lora_B.detach(), w_eff, scale, project, resolved)
     if torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
         w_eff = cached_lora_weight(w_eff, lora_A, lora_B, scale)
     return w_eff, c

@@ -168,6 +168,26 @@ def test_projected_weight_equals_the_unprojected_op_on_the_new_b_to_rounding(bac
     assert rel_err(w_again, w_projected) <= tol
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("project", [True, False])
+def test_out_receives_the_same_weight_in_place(backend, dtype, project):
+    base, lora_A, lora_B = make_inputs(40, 30, 4, lead=(2,), dtype=dtype)
+    b_alloc = lora_B.clone()
+    w_alloc, c_alloc = lora_weight(base, lora_A, b_alloc, SCALE, project=project, backend=backend)
+    out = torch.full_like(base, float("nan"))
+    w, c = lora_weight(base, lora_A, lora_B, SCALE, project=project, backend=backend, out=out)
+    assert w.data_ptr() == out.data_ptr()
+    assert torch.equal(out, w_alloc) and torch.equal(c, c_alloc) and torch.equal(lora_B, b_alloc)
+
+
+def test_out_of_the_wrong_shape_or_dtype_is_refused():
+    base, lora_A, lora_B = make_inputs(40, 30, 4)
+    for bad in (torch.empty(30, 40), torch.empty(40, 30, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out must match base"):
+            lora_weight(base, lora_A, lora_B, SCALE, out=bad)
+
+
 def test_projection_is_in_place_on_the_given_b():
     base, lora_A, lora_B = make_inputs(40, 30, 4)
     param = torch.nn.Parameter(lora_B.clone())
@@ -377,6 +397,19 @@ def test_saved_weight_reloads_exactly_and_a_state_dict_without_it_gets_it_recomp
     assert torch.equal(older.lora_B, layer.lora_B)  # not re-projected
     assert torch.equal(older.effective_weight(), older.base + older.delta_weight())
     torch.testing.assert_close(older.effective_weight(), layer.w_eff, rtol=1e-6, atol=1e-7)
+
+
+def test_project_reuses_the_weight_buffer_and_a_graph_on_the_old_weight_fails_loudly():
+    layer = lora_layer()
+    x = torch.randn(2, dense_rows(layer), 24, generator=torch.Generator().manual_seed(5))
+    storage = layer.w_eff.data_ptr()
+    y = layer(x)  # dense path: the graph saves W_eff
+    with torch.no_grad():
+        layer.lora_A.add_(0.05)
+    layer.project_()
+    assert layer.w_eff.data_ptr() == storage  # no new (out, in) buffer per step
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 def test_a_deep_copy_serves_the_same_weight_while_current_and_recomputes_once_stale():
