@@ -61,10 +61,14 @@ def positive_root(a: Tensor, b: Tensor, g: Tensor, eps: float = ROOT_EPS) -> Ten
 def projection_factors(base: Tensor, delta: Tensor) -> Tensor:
     """Per-row factors c_i > 0 with `||w0_i + c_i dw_i|| = 1` (Eqs. 11-13), shape `base.shape[:-1]`, fp32."""
     base, delta = base.float(), delta.float()
-    a = (delta * delta).sum(-1)
-    b = (base * delta).sum(-1)
-    g = 1.0 - (base * base).sum(-1)
-    return positive_root(a, b, g)
+    with torch.autocast(base.device.type, enabled=False):  # the row dots are matmuls: keep them out of bf16
+        return positive_root(_row_dot(delta, delta), _row_dot(base, delta), 1.0 - _row_dot(base, base))
+
+
+def _row_dot(x: Tensor, y: Tensor) -> Tensor:
+    """`(x * y).sum(-1)` as a batched matrix-vector product: no (out, in) temporary, which on a CPU costs more
+    (fresh pages) than the arithmetic."""
+    return torch.einsum("...i,...i->...", x, y)
 
 
 def hyperspherical_lora_weight(
