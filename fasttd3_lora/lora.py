@@ -283,8 +283,8 @@ class LoRALinear(Projected):
                                       error_msgs)  # fmt: skip
         if prefix + "w_eff" in missing_keys:
             missing_keys.remove(prefix + "w_eff")
-            with torch.no_grad():
-                self.w_eff = lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False)[0]
+            with torch.no_grad():  # the same in-place refresh as project_(), without the projection
+                lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False, out=self.w_eff)
         self._w_eff_key = self._cache_key()
 
     def extra_repr(self) -> str:
