@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fasttd3_lora.fasttd3 import FastTD3Config
 from fasttd3_lora.networks import CRITIC_KINDS
+from fasttd3_lora.threads import AUTO
 
 __all__ = [
     "CONFIG_MODULE",
@@ -55,7 +56,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 # Top-level keys a resumed run may change: they steer the run, not what is learnt (docs/training.md, "Resume").
 RESUME_MAY_CHANGE = (
     "total_env_steps", "eval_every", "eval_episodes", "checkpoint_every", "save_buffer",
-    "keep_eval_checkpoints", "resume", "logger", "wandb", "device",
+    "keep_eval_checkpoints", "resume", "logger", "wandb", "device", "threads",
     "algo.compile", "algo.compile_mode",  # how the same math is executed, not what it computes
 )  # fmt: skip
 _LIST_AT_MOST = 12  # a group with more options than this is answered with close matches only
@@ -199,12 +200,12 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _int(cfg: DictConfig, key: str, lo: int, hi: int | None = None) -> int:
+def _int(cfg: DictConfig, key: str, lo: int, hi: int | None = None, allowed_too: str = "") -> int:
     value = _get(cfg, key)
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
     if not ok:
         bound = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise ConfigError(f"{key}={value!r}: allowed {bound}")
+        raise ConfigError(f"{key}={value!r}: allowed {bound}{' ' + allowed_too if allowed_too else ''}")
     return value
 
 
@@ -246,6 +247,8 @@ def validate_config(cfg: DictConfig) -> None:
     device = _get(cfg, "device")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         raise ConfigError(f"device={device!r}: allowed cpu, cuda, cuda:<index> or mps")
+    if _get(cfg, "threads") != AUTO:
+        _int(cfg, "threads", 1, allowed_too=f"or {AUTO}")
     for key in ("total_env_steps", "eval_every", "checkpoint_every", "eval_episodes"):
         _int(cfg, key, 1)
     _bool(cfg, "save_buffer")

@@ -74,6 +74,7 @@ from fasttd3_lora.replay import NStepReplayBuffer, ReplayBuffer
 from fasttd3_lora.run_logging import Progress, RunLogger
 from fasttd3_lora.run_status import read_status, recording_outcome, write_status
 from fasttd3_lora.sac import SAC, SACConfig
+from fasttd3_lora.threads import apply_threads
 
 if TYPE_CHECKING:
     from torchrl.envs import EnvBase
@@ -325,6 +326,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     `resume=<run dir>` rebuilds the same config. Dispatches on `cfg.algo.name` (`LOOPS`)."""
     if cfg.algo.name == "sac" and cfg.task.family != "dmc":
         raise ConfigError(f"task.family={cfg.task.family!r}: SAC runs dmc tasks only; use algo=fasttd3")
+    threads, why = apply_threads(cfg.threads)
+    print(f"torch threads: {threads} ({why})", flush=True)
+    with open_dict(cfg):
+        cfg.threads = threads  # the count goes into config.yaml and checkpoints: a resume reuses it
     # <run dir>/status.json records how the run ended (fasttd3_lora/run_status.py); the report reads it.
     with recording_outcome(run_dir, NonFiniteError, (ConfigError, CheckpointError)) as outcome:
         counters = LOOPS[cfg.algo.name](cfg, run_dir, overrides)
@@ -520,6 +525,9 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
         del cfg["hydra"]
     if saved is not None:
         check_resume_compatible(OmegaConf.to_container(cfg, resolve=True), saved["config"])
+        if override_value(overrides, "threads") is None and isinstance(saved["config"].get("threads"), int):
+            # bit-exact resume needs the same thread count (reductions split differently)
+            overrides.append(f"threads={saved['config']['threads']}")
     run_dir = run_dir or _fresh_dir(template)
     return [*overrides, f"hydra.run.dir={_quote(str(run_dir))}"]
 

@@ -5,10 +5,14 @@ cores (a 100-step test measured 23 s with 2 threads vs 0.6 s with 1), and single
 bitwise comparisons (exact resume, twin == singles) independent of the machine's core count.
 """
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# Training runs (in-process and in subprocesses) default to threads=auto, which follows OMP_NUM_THREADS.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

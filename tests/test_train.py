@@ -238,6 +238,8 @@ def test_run_dir_holds_config_metrics_events_and_checkpoint(killed_and_resumed: 
     assert run_dir.name.endswith("_dmc-cartpole-balance_lora_s3")
     config = OmegaConf.load(run_dir / "config.yaml")  # resolved: no interpolations left
     assert config.task.max_episode_steps == 50 and config.seed == 3 and config.resume == str(run_dir)
+    # threads=auto followed OMP_NUM_THREADS=1 and was recorded; the resume took the recorded count
+    assert config.threads == 1 and "torch threads: 1 (threads=1)" in killed_and_resumed["resumed"].stdout
     table = rows(run_dir)
     assert METRIC_COLUMNS <= set(table[0])
     steps = [int(r["env_step"]) for r in table if r["episode_return"]]
