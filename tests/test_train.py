@@ -286,6 +286,7 @@ def test_command_line_failures_exit_2_with_one_line_before_any_work(tmp_path: Pa
         ("task=dmc/chetah-run", "task=dmc/chetah-run: unknown option; did you mean dmc/cheetah-run"),
         ("critic.rank=600", "critic.rank=600: allowed an integer in [1, 512]"),
         ("total_env_steps=-10", "total_env_steps=-10: allowed an integer >= 1"),
+        ("threads=0", "threads=0: allowed an integer >= 1 or auto"),
         ("algo.batch_size=4096 algo.buffer_size=1000", "algo.batch_size=4096: allowed at most algo.buffer_size (1000)"),
         ("total_env_step=5", "total_env_step: no such config key; did you mean total_env_steps?"),
         ("-m resume=runs/x", "resume=runs/x: not allowed with --multirun"),
