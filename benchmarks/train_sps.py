@@ -2,8 +2,9 @@
 
 Times the two phases of the training loop of fasttd3_lora.train with the default config: the random phase (first
 learning_starts agent steps: env steps only) and the learning phase (act + env step + updates_per_step updates),
-for 1 and 2 torch threads, and the evaluation (10 deterministic episodes). Prints medians of repeated blocks and
-env steps per second (SPS); docs/training.md quotes them.
+for 1, 2 and the `threads=auto` count of torch threads, and the evaluation (10 deterministic episodes). Prints
+medians of repeated blocks and env steps per second (SPS), and which row the default `threads=auto` picks under
+the current load; docs/training.md quotes them.
 
     .venv/bin/python benchmarks/train_sps.py [--blocks 5] [--steps 20]
 """
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 from tensordict import TensorDict  # noqa: E402
 
 from fasttd3_lora.config import compose_config  # noqa: E402
+from fasttd3_lora.threads import choose_threads  # noqa: E402
 from fasttd3_lora.train import build_sac, evaluate, make_dmc_envs  # noqa: E402
 
 
@@ -31,11 +33,12 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = compose_config([])
+    auto, why = choose_threads("auto", {})  # what a run started now would pick (ignoring OMP_NUM_THREADS)
     env, eval_env = make_dmc_envs(cfg)
     obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
     env_steps = cfg.algo.num_envs * cfg.algo.action_repeat
     rows = []
-    for threads in (1, 2):
+    for threads in sorted({1, 2, auto}):
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
@@ -87,6 +90,7 @@ def main() -> None:
               f"{phase:<20} {threads:>7} {ms:>16.0f} {'(total ms)':>8}")  # fmt: skip
     learning = {t: ms for phase, t, ms, _ in rows if phase == "learning"}
     print(f"learning phase, 2 threads vs 1: {learning[1] / learning[2]:.2f}x faster")
+    print(f"threads=auto picks {auto} here ({why}): {learning[auto] / min(learning.values()):.2f}x the best time")
 
 
 if __name__ == "__main__":
