@@ -89,7 +89,7 @@ def main() -> None:
         print(f"{phase:<20} {threads:>7} {ms:>16.1f} {sps:>8.0f}" if sps == sps else
               f"{phase:<20} {threads:>7} {ms:>16.0f} {'(total ms)':>8}")  # fmt: skip
     learning = {t: ms for phase, t, ms, _ in rows if phase == "learning"}
-    print(f"learning phase, 2 threads vs 1: {learning[1] / learning[2]:.2f}x faster")
+    print(f"learning phase: 2 threads take {learning[2] / learning[1]:.2f}x the time of 1")
     print(f"threads=auto picks {auto} here ({why}): {learning[auto] / min(learning.values()):.2f}x the best time")
 
 
