@@ -1,5 +1,5 @@
 """On the CPU, what does one hyperspherical-LoRA weight refresh cost: compiled reference vs eager reference vs
-the unfused op sequence? (DESIGN §3 "The fused kernel"; the Triton kernel itself needs a GPU, see
+the unfused op sequence, and what does writing W_eff in place save? (DESIGN §3 "The fused kernel"; the Triton kernel itself needs a GPU, see
 lora_weight_gpu.py.)
 
 One refresh = project B (Eq. 13 root per row, B <- diag(c) B) and produce W_eff = W0 + s B A, for the SAC
@@ -8,11 +8,13 @@ critic's block matrices, r = 96, alpha = 96: base (512x2048, 2048x512) and large
 * unfused: the plain sequence LoRALinear ran before the op existed (`projection_factors` on
   `lora_delta`, `B.mul_`, then `W0 + lora_delta` again in the next forward), no custom-op dispatch;
 * eager reference: `fasttd3_lora.kernels.lora_weight(..., backend="torch")`, the op in eager mode;
+* eager in place: the same with `out=` a preallocated W_eff, as `LoRALinear` refreshes its `w_eff` buffer in
+  training (no fresh (out, in) tensor per call: page faults on fresh large allocations are costly on VMs);
 * compiled reference: the same call under `torch.compile(fullgraph=True)`; Inductor sees the op's body
   (it is a `triton_op`) and fuses its elementwise work around the two matmuls.
 
 The variants are timed round-robin (one call of each per repetition, the first one rotating), so a change in
-the load of a shared machine hits all three alike; the header prints the load average. Prints the median over repetitions and
+the load of a shared machine hits them all alike; the header prints the load average. Prints the median over repetitions and
 each variant's speed-up over "unfused".
 
     .venv/bin/python benchmarks/lora_weight_cpu.py [--reps 15] [--rank 96]
@@ -85,8 +87,8 @@ def main() -> None:
     args = p.parse_args()
     scale = 96.0 / args.rank  # alpha = 96
 
-    def eager(base, lora_A, lora_B):
-        return lora_weight(base, lora_A, lora_B, scale, backend="torch")
+    def eager(base, lora_A, lora_B, out=None):
+        return lora_weight(base, lora_A, lora_B, scale, backend="torch", out=out)
 
     compiled = torch.compile(eager, fullgraph=True, dynamic=False)
 
@@ -95,25 +97,26 @@ def main() -> None:
         f"{datetime.date.today().isoformat()}, r={args.rank}, median of {args.reps}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    print("| size | W (out x in) | dtype | unfused ms | eager ref ms | compiled ref ms | eager / unfused | compiled / unfused |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("| size | W (out x in) | dtype | unfused ms | eager ref ms | eager in place ms | compiled ref ms "
+          "| eager / unfused | in place / unfused | compiled / unfused |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for size, shapes in SHAPES.items():
         for out_f, in_f in shapes:
             for dname, dtype in DTYPES.items():
                 base, lora_A, lora_B = inputs(out_f, in_f, args.rank, dtype)
-                t_unfused, t_eager, t_compiled = median_ms(
+                w_eff = torch.empty_like(base)
+                times = median_ms(
                     [
                         lambda: unfused(base, lora_A, lora_B, scale),
                         lambda: eager(base, lora_A, lora_B),
+                        lambda: eager(base, lora_A, lora_B, out=w_eff),
                         lambda: compiled(base, lora_A, lora_B),
                     ],
                     args.reps,
                 )
-                print(
-                    f"| {size} | {out_f}x{in_f} | {dname} | {t_unfused:.2f} | {t_eager:.2f} | {t_compiled:.2f} "
-                    f"| {t_unfused / t_eager:.2f}x | {t_unfused / t_compiled:.2f}x |",
-                    flush=True,
-                )
+                cells = " | ".join(f"{t:.2f}" for t in times)
+                ratios = " | ".join(f"{times[0] / t:.2f}x" for t in times[1:])
+                print(f"| {size} | {out_f}x{in_f} | {dname} | {cells} | {ratios} |", flush=True)
     print(f"(ratios are speed-ups over unfused: > 1 is faster; load average at the end {os.getloadavg()[0]:.1f})")
 
 
