@@ -1,5 +1,5 @@
-"""The `threads` key: auto counts the cores other processes leave idle, OMP_NUM_THREADS and explicit counts win,
-bad values are refused in one line, and a resumed run keeps its count."""
+"""The `threads` key: auto counts the cores other processes leave idle (measured from /proc/stat), OMP_NUM_THREADS
+and explicit counts win, bad values are refused in one line, and a resumed run keeps its count."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from omegaconf import OmegaConf
 from fasttd3_lora import threads as threads_mod
 from fasttd3_lora.checkpoint import save_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config, validate_config
-from fasttd3_lora.threads import apply_threads, auto_threads, choose_threads
+from fasttd3_lora.threads import apply_threads, auto_threads, busy_cores, choose_threads
 from fasttd3_lora.train import prepare_command_line
 
 
 @given(st.integers(1, 256), st.floats(0.0, 512.0), st.floats(0.0, 512.0))
-def test_auto_leaves_busy_cores_alone_and_keeps_one(cores: int, load: float, more: float) -> None:
-    n = auto_threads(cores, load)
+def test_auto_leaves_busy_cores_alone_and_keeps_one(cores: int, busy: float, more: float) -> None:
+    n = auto_threads(cores, busy)
     assert 1 <= n <= cores
-    assert auto_threads(cores, load + more) <= n  # more load never gets more threads
-    assert n == max(1, cores - round(load)) or load % 1 == 0.5  # round half up, not to even
+    assert auto_threads(cores, busy + more) <= n  # more work elsewhere never gets more threads
+    assert n == max(1, cores - round(busy)) or busy % 1 == 0.5  # round half up, not to even
 
 
 def test_auto_on_the_machines_that_motivated_it() -> None:
@@ -34,13 +34,37 @@ def test_auto_on_the_machines_that_motivated_it() -> None:
     assert auto_threads(4, 9.0) == 1
 
 
-def test_choose_follows_the_setting_then_omp_then_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(threads_mod, "_usable_cores", lambda: 8)
-    monkeypatch.setattr(threads_mod.os, "getloadavg", lambda: (2.7, 0.0, 0.0))
+def test_choose_follows_the_setting_then_omp_then_the_busy_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(threads_mod, "_usable_cpus", lambda: set(range(8)))
+    monkeypatch.setattr(threads_mod, "_measure_busy", lambda cpus: (2.7, "2.7 busy"))
     assert choose_threads(3, environ={"OMP_NUM_THREADS": "1"}) == (3, "threads=3")
     torch.set_num_threads(1)
     assert choose_threads("auto", environ={"OMP_NUM_THREADS": "1"}) == (1, "OMP_NUM_THREADS=1")
-    assert choose_threads("auto", environ={}) == (5, "auto: 8 cores, load 2.7")
+    assert choose_threads("auto", environ={}) == (5, "auto: 8 cores, 2.7 busy")
+
+
+def stat(*cpus: tuple[int, int, int, int]) -> str:
+    """/proc/stat text: the aggregate line, then per cpu (user, idle, iowait, steal) with zeros elsewhere."""
+    lines = ["cpu  1 2 3 4 5 6 7 8 9 10"]
+    for n, (user, idle, iowait, steal) in enumerate(cpus):
+        lines.append(f"cpu{n} {user} 0 0 {idle} {iowait} 0 0 {steal} {user} 0")  # guest (= user) is not added
+    return "\n".join([*lines, "intr 5 0 0", "ctxt 9"])
+
+
+def test_busy_cores_counts_user_and_steal_not_idle_or_iowait_on_the_allowed_cpus() -> None:
+    before = stat((0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0))
+    # cpu0: 50 busy of 100; cpu1: 90 user + 10 steal, all busy; cpu2 (not ours): all busy
+    after = stat((50, 40, 10, 0), (90, 0, 0, 10), (100, 0, 0, 0))
+    assert busy_cores(before, after, {0, 1}) == pytest.approx(1.5)
+    assert busy_cores(before, after, {0}) == pytest.approx(0.5)
+    assert busy_cores(before, before, {0, 1}) == 0.0  # no ticks elapsed: nothing known to be busy
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux only")
+def test_measured_busy_cores_lie_within_the_usable_cores() -> None:
+    cpus = threads_mod._usable_cpus()
+    busy, how = threads_mod._measure_busy(cpus)
+    assert 0.0 <= busy <= len(cpus) + 1e-9 and how == f"{busy:.1f} busy"
 
 
 def test_apply_sets_torch_threads() -> None:
