@@ -1,6 +1,6 @@
 """On the CPU, what does one hyperspherical-LoRA weight refresh cost: compiled reference vs eager reference vs
-the unfused op sequence, and what does writing W_eff in place save? (DESIGN §3 "The fused kernel"; the Triton kernel itself needs a GPU, see
-lora_weight_gpu.py.)
+the unfused op sequence, and what does writing W_eff in place save? (DESIGN §3 "The fused kernel"; the Triton
+kernel itself needs a GPU, see lora_weight_gpu.py.)
 
 One refresh = project B (Eq. 13 root per row, B <- diag(c) B) and produce W_eff = W0 + s B A, for the SAC
 critic's block matrices, r = 96, alpha = 96: base (512x2048, 2048x512) and large (1024x4096, 4096x1024).
@@ -14,8 +14,8 @@ critic's block matrices, r = 96, alpha = 96: base (512x2048, 2048x512) and large
   (it is a `triton_op`) and fuses its elementwise work around the two matmuls.
 
 The variants are timed round-robin (one call of each per repetition, the first one rotating), so a change in
-the load of a shared machine hits them all alike; the header prints the load average. Prints the median over repetitions and
-each variant's speed-up over "unfused".
+the load of a shared machine hits them all alike; the header prints the load average. Prints the median over
+repetitions and each variant's speed-up over "unfused".
 
     .venv/bin/python benchmarks/lora_weight_cpu.py [--reps 15] [--rank 96]
 """

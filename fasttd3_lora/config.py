@@ -200,12 +200,12 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _int(cfg: DictConfig, key: str, lo: int, hi: int | None = None, allowed_too: str = "") -> int:
+def _int(cfg: DictConfig, key: str, lo: int, hi: int | None = None, or_else: str = "") -> int:
     value = _get(cfg, key)
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
     if not ok:
         bound = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise ConfigError(f"{key}={value!r}: allowed {bound}{' ' + allowed_too if allowed_too else ''}")
+        raise ConfigError(f"{key}={value!r}: allowed {bound}{or_else}")
     return value
 
 
@@ -248,7 +248,7 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         raise ConfigError(f"device={device!r}: allowed cpu, cuda, cuda:<index> or mps")
     if _get(cfg, "threads") != AUTO:
-        _int(cfg, "threads", 1, allowed_too=f"or {AUTO}")
+        _int(cfg, "threads", 1, or_else=f" or {AUTO}")
     for key in ("total_env_steps", "eval_every", "checkpoint_every", "eval_episodes"):
         _int(cfg, key, 1)
     _bool(cfg, "save_buffer")
