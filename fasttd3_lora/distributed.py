@@ -27,7 +27,7 @@ _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_POR
 
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank `rank`'s envs and generator (rank 0 keeps `seed`, so one process reproduces a plain run)."""
-    return seed + rank * RANK_SEED_OFFSET
+    return (seed + rank * RANK_SEED_OFFSET) % 2**32  # stays in numpy's (and every env's) seed range
 
 
 @dataclasses.dataclass(frozen=True)

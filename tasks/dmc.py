@@ -15,7 +15,7 @@
 Episodes end after `max_episode_steps` *control* steps (the task's time limit, or the given override), i.e.
 ``ceil(max_episode_steps / action_repeat)`` agent steps; `control_period` is the seconds of one agent step,
 ``physics.timestep() * n_sub_steps * action_repeat``; `joint_names` names the actuator of each action dimension
-(DMC names actuators after the joint or tendon they drive). Env i is seeded with ``seed + i`` whatever the number of
+(DMC names actuators after the joint or tendon they drive). Env i is seeded with ``(seed + i) mod 2**32`` whatever the number of
 workers, so results do not depend on `num_workers`. Partial resets follow TorchRL: ``_reset`` masks in
 `reset`, and `step_and_maybe_reset` keeps the true final observation under ``("next", "observation")``.
 
@@ -102,8 +102,8 @@ class DMCEnv(EnvBase):
             num_workers = 0 if num_envs == 1 else min(num_envs, os.cpu_count() or 1)
         num_workers = _check_int("num_workers", num_workers, 0, num_envs)
         if seed is None:
-            seed = int(torch.randint(0, _MAX_SEED - num_envs, ()).item())
-        seed = _check_int("seed", seed, 0, _MAX_SEED - num_envs)
+            seed = int(torch.randint(0, _MAX_SEED, ()).item())
+        seed = _check_int("seed", seed, 0, _MAX_SEED - 1)
         super().__init__(batch_size=torch.Size([num_envs]), device="cpu")
 
         self.task_name = task
@@ -214,10 +214,10 @@ class DMCEnv(EnvBase):
         return self._output(observation=obs, done=terminated | truncated, terminated=terminated, truncated=truncated)
 
     def _set_seed(self, seed: int | None) -> None:
-        """Env i's task RNG restarts from ``seed + i``; it applies from each env's next reset."""
+        """Env i's task RNG restarts from ``(seed + i) mod 2**32``; it applies from each env's next reset."""
         if seed is None:
-            seed = int(torch.randint(0, _MAX_SEED - self.num_envs, ()).item())
-        seed = _check_int("seed", seed, 0, _MAX_SEED - self.num_envs)
+            seed = int(torch.randint(0, _MAX_SEED, ()).item())
+        seed = _check_int("seed", seed, 0, _MAX_SEED - 1)
         self._pool.call("seed", [np.array([seed], dtype=np.int64)] * len(self._bounds))
         self.base_seed = seed
 

@@ -46,7 +46,7 @@ def result_views(
 class DMCSlice:
     """Envs ``first_index .. first_index + num_envs - 1`` of a vector of ``domain-task`` envs.
 
-    Env ``i`` (global index) is seeded with ``seed + i``. ``max_episode_steps=None`` keeps the task's own time
+    Env ``i`` (global index) is seeded with ``(seed + i) mod 2**32``. ``max_episode_steps=None`` keeps the task's own time
     limit; an int replaces it (the dm_control limit is switched off and this slice counts control steps).
     """
 
@@ -65,7 +65,7 @@ class DMCSlice:
             task_kwargs["time_limit"] = float("inf")
         self._first_index = first_index
         self._envs = [
-            suite.load(domain, task, task_kwargs={**task_kwargs, "random": seed + first_index + j})
+            suite.load(domain, task, task_kwargs={**task_kwargs, "random": env_seed(seed, first_index + j)})
             for j in range(num_envs)
         ]
         env = self._envs[0]
@@ -144,11 +144,17 @@ class DMCSlice:
         return memoryview(self._buf)
 
     def seed(self, payload: Any) -> memoryview:
-        """Re-seed env i's task RNG with ``seed + i``; it takes effect at each env's next reset."""
+        """Re-seed env i's task RNG with ``(seed + i) mod 2**32``; it takes effect at each env's next reset."""
         (seed,) = np.frombuffer(payload, dtype=np.int64)
         for j, env in enumerate(self._envs):
-            env.task.random.seed(int(seed) + self._first_index + j)
+            env.task.random.seed(env_seed(int(seed), self._first_index + j))
         return memoryview(self._buf)
+
+
+def env_seed(seed: int, index: int) -> int:
+    """Env `index`'s task seed: ``(seed + index) mod 2**32``, so every base seed numpy accepts works for any number
+    of envs (dm_control seeds a numpy RandomState, which takes [0, 2**32))."""
+    return (seed + index) % 2**32
 
 
 def slice_bounds(num_envs: int, num_slices: int) -> Sequence[tuple[int, int]]:

@@ -258,6 +258,12 @@ def test_seeding_is_reproducible_and_independent_of_workers():
         # env i is seeded with seed + i: env 1 of seed 5 is env 0 of seed 6.
         with DMCEnv("dmc/cheetah-run", 1, seed=6) as c:
             assert torch.equal(c.reset()["observation"][0], ra[0][1])
+        # mod 2**32: the largest seed numpy takes works for any number of envs, env 2 of it being env 0 of 1
+        with DMCEnv("dmc/cheetah-run", 3, seed=2**32 - 1, num_workers=0) as d, DMCEnv("dmc/cheetah-run", 1, seed=1) as e:
+            assert torch.equal(d.reset()["observation"][2], e.reset()["observation"][0])
+            e.set_seed(0)
+            d.set_seed(2**32 - 2)  # set_seed wraps the same way
+            assert torch.equal(d.reset()["observation"][2], e.reset()["observation"][0])
         # set_seed restarts the sequence at the next reset.
         b.set_seed(5)
         assert torch.equal(b.reset()["observation"], ra[0])
