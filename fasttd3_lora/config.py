@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
@@ -42,6 +43,7 @@ __all__ = [
     "override_value",
     "drop_override",
     "check_resume_compatible",
+    "check_device",
     "path_safe",
 ]
 
@@ -238,6 +240,21 @@ def _bool(cfg: DictConfig, key: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={value!r}: allowed true or false")
     return value
+
+
+def check_device(device: str) -> None:
+    """Refuse a well-formed `device` this machine does not have, in one line (torch's own errors are deep and
+    multi-line). Not part of `validate_config`: a config for another machine (a cluster sweep) is still valid."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={device}: no CUDA device is available on this machine (allowed here: cpu)")
+        if index and int(index) >= count:
+            raise ConfigError(f"device={device}: this machine has {count} CUDA device(s) (allowed: cpu, cuda, "
+                              f"cuda:0 to cuda:{count - 1})")  # fmt: skip
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device}: no MPS device is available on this machine (allowed here: cpu)")
 
 
 def validate_config(cfg: DictConfig) -> None:
