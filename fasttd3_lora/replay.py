@@ -22,7 +22,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-__all__ = ["ReplayBuffer", "NStepReplayBuffer", "free_memory_bytes"]
+__all__ = ["ReplayBuffer", "NStepReplayBuffer", "ReplayMemoryError", "free_memory_bytes", "bytes_per_transition"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,26 @@ def _transition_specs(
         specs["critic_observation"] = ((critic_obs_dim,), dtype)
         specs["next_critic_observation"] = ((critic_obs_dim,), dtype)
     return specs
+
+
+class ReplayMemoryError(ValueError):
+    """A buffer that needs more memory than its device has free; the message is one line with the numbers."""
+
+
+def bytes_per_transition(specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Bytes one stored transition occupies (every key of `_transition_specs`)."""
+    return sum(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs.values())
+
+
+def check_fits(nbytes: int, device: torch.device, layout: str, remedy: str) -> None:
+    """Raise `ReplayMemoryError` before allocating when `nbytes` exceed what `device` has free; `layout` says
+    how the bytes add up, `remedy` what to lower."""
+    free = free_memory_bytes(device)
+    if free is not None and nbytes > free:
+        raise ReplayMemoryError(
+            f"replay buffer needs {nbytes:,} B ({nbytes / 2**30:.2f} GiB = {layout}) but {device} has {free:,} B "
+            f"({free / 2**30:.2f} GiB) free; lower {remedy}"
+        )
 
 
 def _checked_values(td: TensorDict, columns: dict[str, Tensor], lead: int) -> dict[str, Tensor]:
@@ -85,6 +105,8 @@ class ReplayBuffer:
         self.capacity = capacity
         self.device = torch.device(device)
         shapes = _transition_specs(obs_dim, act_dim, critic_obs_dim, dtype)
+        per = bytes_per_transition(shapes)
+        check_fits(capacity * per, self.device, f"{capacity} transitions x {per} B", "buffer_size")
         self._storage = TensorDict(
             {k: torch.zeros((capacity, *s), dtype=dt, device=self.device) for k, (s, dt) in shapes.items()},
             batch_size=[capacity],
@@ -257,10 +279,7 @@ class NStepReplayBuffer:
     @property
     def bytes_per_transition(self) -> int:
         """Bytes one env step occupies (every stored key)."""
-        total = 0
-        for shape, dtype in self._specs.values():
-            total += torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        return total
+        return bytes_per_transition(self._specs)
 
     @property
     def nbytes(self) -> int:
@@ -268,14 +287,9 @@ class NStepReplayBuffer:
         return self.bytes_per_transition * self.num_envs * self.capacity
 
     def check_fits(self, device: torch.device | str) -> None:
-        """Raise a one-line ValueError with the numbers when the buffer needs more than `device` has free."""
-        free = free_memory_bytes(device)
-        if free is not None and self.nbytes > free:
-            raise ValueError(
-                f"replay buffer needs {self.nbytes:,} B ({self.nbytes / 2**30:.2f} GiB = {self.num_envs} envs x "
-                f"{self.capacity} steps x {self.bytes_per_transition} B) but {device} has {free:,} B "
-                f"({free / 2**30:.2f} GiB) free; lower buffer_size (per env) or num_envs"
-            )
+        """Raise `ReplayMemoryError` (one line, with the numbers) when the buffer needs more than `device` has free."""
+        layout = f"{self.num_envs} envs x {self.capacity} steps x {self.bytes_per_transition} B"
+        check_fits(self.nbytes, torch.device(device), layout, "buffer_size (per env) or num_envs")
 
     # -- data
     def __len__(self) -> int:
