@@ -82,7 +82,9 @@ class RunLogger:
 
     `wandb`: {"project", "entity", "mode"}; mode "offline" (the default config) writes `run_dir/wandb/offline-run-*`
     with no account and no network (`wandb sync` uploads it later). A `WANDB_MODE` environment variable, when
-    set, wins over the config, as wandb's own convention. `start_step` > 0 marks a resumed run."""
+    set, wins over the config, as wandb's own convention. `resumed_at` is the env step of the checkpoint a resumed
+    run continues from (0 included: a run killed before its first periodic checkpoint resumes from its first),
+    None for a new run."""
 
     def __init__(
         self,
@@ -90,13 +92,12 @@ class RunLogger:
         *,
         config: Mapping[str, Any],
         wandb: Mapping[str, Any] | None = None,
-        start_step: int = 0,
+        resumed_at: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
-        resumed = start_step > 0
-        self.csv = MetricsCSV(self.run_dir / METRICS_FILE, keep_until=start_step if resumed else None)
+        self.csv = MetricsCSV(self.run_dir / METRICS_FILE, keep_until=resumed_at)
         # purge_step hides the events the crashed run wrote after the checkpoint (TensorBoard's resume mechanism).
-        self.tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=start_step + 1 if resumed else None)
+        self.tb = SummaryWriter(log_dir=str(self.run_dir), purge_step=None if resumed_at is None else resumed_at + 1)
         self.wandb_run = None if wandb is None else _start_wandb(self.run_dir, config, wandb)
 
     def log(self, env_step: int, wall_time: float, metrics: Mapping[str, float]) -> None:

@@ -61,6 +61,7 @@ from fasttd3_lora.config import (
     ALGORITHMS,
     TASK_FAMILIES,
     ConfigError,
+    check_device,
     check_overrides,
     check_resume_compatible,
     compose_config,
@@ -70,7 +71,7 @@ from fasttd3_lora.config import (
     validate_config,
 )
 from fasttd3_lora.export import env_deploy_facts
-from fasttd3_lora.replay import NStepReplayBuffer, ReplayBuffer
+from fasttd3_lora.replay import NStepReplayBuffer, ReplayBuffer, ReplayMemoryError
 from fasttd3_lora.run_logging import Progress, RunLogger
 from fasttd3_lora.run_status import read_status, recording_outcome, write_status
 from fasttd3_lora.sac import SAC, SACConfig
@@ -326,13 +327,17 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     `resume=<run dir>` rebuilds the same config. Dispatches on `cfg.algo.name` (`LOOPS`)."""
     if cfg.algo.name == "sac" and cfg.task.family != "dmc":
         raise ConfigError(f"task.family={cfg.task.family!r}: SAC runs dmc tasks only; use algo=fasttd3")
+    check_device(cfg.device)  # multirun jobs and direct callers reach here without the command-line check
     threads, why = apply_threads(cfg.threads)
     print(f"torch threads: {threads} ({why})", flush=True)
     with open_dict(cfg):
         cfg.threads = threads  # the count goes into config.yaml and checkpoints: a resume reuses it
     # <run dir>/status.json records how the run ended (fasttd3_lora/run_status.py); the report reads it.
     with recording_outcome(run_dir, NonFiniteError, (ConfigError, CheckpointError)) as outcome:
-        counters = LOOPS[cfg.algo.name](cfg, run_dir, overrides)
+        try:
+            counters = LOOPS[cfg.algo.name](cfg, run_dir, overrides)
+        except ReplayMemoryError as err:  # known only once the env says how big a transition is
+            raise ConfigError(f"algo.buffer_size={cfg.algo.buffer_size}: {err}") from None
         outcome["env_step"] = counters.env_step
     return counters
 
@@ -351,6 +356,7 @@ def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (
     resume = load_checkpoint(resolve_checkpoint(cfg.resume)) if cfg.resume else None
     if resume is not None:
         check_resume_compatible(resolved, resume["meta"]["config"])
+    resumed = resume is not None
 
     seed_everything(cfg.seed)  # network weights are drawn from torch's global RNG
     generator = torch.Generator(device).manual_seed(cfg.seed)  # actions, noise and replay sampling
@@ -374,12 +380,13 @@ def train_sac(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = (
 
         atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(resolved).encode()))
         wandb = OmegaConf.to_container(cfg.wandb) if cfg.logger == "wandb" else None
-        logger = RunLogger(run_dir, config=resolved, wandb=wandb, start_step=counters.env_step)
+        logger = RunLogger(run_dir, config=resolved, wandb=wandb,
+                           resumed_at=counters.env_step if resumed else None)
         stack.callback(logger.close)
         progress = Progress(cfg.total_env_steps, counters.env_step)
         stack.callback(progress.close)
         progress.update(counters.env_step, eval_return=counters.last_eval_return)
-        how = f"resumed at env_step {counters.env_step}" if counters.env_step else "started"
+        how = f"resumed at env_step {counters.env_step}" if resumed else "started"
         progress.write(f"{how}: {cfg.task.name}, {algo.name} with a {cfg.critic.kind} critic, run dir {run_dir}")
 
         start_time, start_wall = time.monotonic(), counters.wall_time
@@ -523,6 +530,7 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
     template = Path(cfg.hydra.run.dir)
     with open_dict(cfg):
         del cfg["hydra"]
+    check_device(cfg.device)
     if saved is not None:
         check_resume_compatible(OmegaConf.to_container(cfg, resolve=True), saved["config"])
         if override_value(overrides, "threads") is None and isinstance(saved["config"].get("threads"), int):

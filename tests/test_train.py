@@ -25,7 +25,7 @@ from fasttd3_lora.checkpoint import load_checkpoint, save_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config
 from fasttd3_lora.run_logging import MetricsCSV, Progress, RunLogger
 from fasttd3_lora.train import Counters, NonFiniteError, advance, crossed, prepare_command_line, train
-from tiny_runs import Crash, crash_at
+from tiny_runs import Crash, crash_after_log, crash_at
 
 # 25 agent steps per episode (50 control steps, action repeat 2); 150 agent steps in all, updates after 50.
 TINY = [
@@ -114,6 +114,33 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path: Path, monkeypa
     skip = {"wall_time", "sps"}
     same = [{k: v for k, v in r.items() if k not in skip} for r in rows(tmp_path / "whole")]
     assert [{k: v for k, v in r.items() if k not in skip} for r in rows(tmp_path / "broken")] == same
+
+
+def test_a_run_killed_before_its_first_periodic_checkpoint_resumes_without_duplicate_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resume starts from the checkpoint written at env_step 0, so the rows the killed run logged (env_step 50)
+    must go: each step appears once in metrics.csv and in TensorBoard."""
+    short = [*TINY, "total_env_steps=200", "seed=4294967295"]  # the largest seed numpy accepts works end to end
+    whole = train(compose_config(short), tmp_path / "whole", short)
+    crash_after_log(monkeypatch, 50)
+    with pytest.raises(Crash):
+        train(compose_config(short), tmp_path / "broken", short)
+    assert load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")["meta"]["counters"]["env_step"] == 0
+    assert [r["env_step"] for r in rows(tmp_path / "broken")] == ["50"]
+    monkeypatch.undo()
+    train(compose_config([*short, f"resume={tmp_path / 'broken'}"]), tmp_path / "broken", short)
+    skip = {"wall_time", "sps"}
+    resumed = [{k: v for k, v in r.items() if k not in skip} for r in rows(tmp_path / "broken")]
+    assert resumed == [{k: v for k, v in r.items() if k not in skip} for r in rows(tmp_path / "whole")]
+    assert [r["env_step"] for r in resumed if r["episode_return"]] == ["50", "100", "150", "200"]
+    assert whole.env_step == 200
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "broken"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("episode_return")] == [50, 100, 150, 200]
 
 
 # The CLI, with SAC.update poisoned at its 7th update (a subprocess: Hydra configures logging process-wide).
@@ -272,12 +299,22 @@ def test_command_line_failures_exit_2_with_one_line_before_any_work(tmp_path: Pa
         "algo.lr_init=-1e-4": "algo.lr_init=-0.0001: allowed a number > 0.0",
         f"resume={tmp_path / 'run'}": f"checkpoint {latest}: cannot be read (corrupt, truncated or not a torch file)",
     }
+    # A buffer larger than the machine's memory is known only once the env gives the transition's size: refused
+    # before it is allocated (500 TB here: 1e13 transitions x 50 B of cartpole), still in one line.
+    huge = ("task=dmc/cartpole-balance", "algo.buffer_size=10000000000000", "threads=1")
     procs = {args: cli(args, cwd=tmp_path) for args in cases}
+    (tmp_path / "huge").mkdir()
+    procs[huge] = cli(*huge, cwd=tmp_path / "huge")
+    cases[huge] = "algo.buffer_size=10000000000000: replay buffer needs 500,000,000,000,000 B (465661.29 GiB = 10000000000000 transitions x 50 B)"
     for args, proc in procs.items():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, (args, err)
-        assert err.strip().splitlines() == [f"fasttd3-train: {cases[args]}"], (args, err)
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"fasttd3-train: {cases[args]}"), (args, err)
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 
 
 @pytest.mark.parametrize(
@@ -292,6 +329,11 @@ def test_command_line_failures_exit_2_with_one_line_before_any_work(tmp_path: Pa
         ("-m resume=runs/x", "resume=runs/x: not allowed with --multirun"),
         ("resume=no/such/run", "resume=no/such/run: no such run directory or checkpoint file"),
         ("resume=FOREIGN", "not a fasttd3-lora-checkpoint file"),
+        pytest.param("device=cuda", "device=cuda: no CUDA device is available on this machine (allowed here: cpu)",
+                     marks=NEEDS_NO_CUDA),
+        pytest.param("device=cuda:3", "device=cuda:3: no CUDA device is available", marks=NEEDS_NO_CUDA),
+        pytest.param("device=mps", "device=mps: no MPS device is available on this machine",
+                     marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
     ],
 )
 def test_main_refuses_bad_command_lines_in_one_line(

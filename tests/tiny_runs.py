@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fasttd3_lora.run_logging import RunLogger
 from fasttd3_lora.train import UpdateMetrics
 
 # Networks small enough that a whole FastTD3 / SAC run takes seconds on one CPU thread.
@@ -33,3 +34,16 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, env_step: int) -> None:
             raise Crash
 
     monkeypatch.setattr(UpdateMetrics, "add", dying_add)
+
+
+def crash_after_log(monkeypatch: pytest.MonkeyPatch, env_step: int) -> None:
+    """Make the next training run raise `Crash` right after it has written the metrics row of `env_step` (the
+    moment a SIGKILL leaves rows on disk that the resumed run will log again)."""
+    log = RunLogger.log
+
+    def dying_log(self, step, wall_time, metrics):  # noqa: ANN001
+        log(self, step, wall_time, metrics)
+        if step == env_step:
+            raise Crash
+
+    monkeypatch.setattr(RunLogger, "log", dying_log)

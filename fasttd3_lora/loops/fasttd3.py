@@ -124,6 +124,7 @@ def train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
     resume = load_checkpoint(resolve_checkpoint(cfg.resume)) if cfg.resume else None
     if resume is not None:
         check_resume_compatible(resolved, resume["meta"]["config"])
+    resumed = resume is not None
 
     seed = rank_seed(cfg.seed, rank)  # this rank's envs and random draws
     seed_everything(cfg.seed)  # network weights: the same on every rank (and broadcast from rank 0)
@@ -157,12 +158,13 @@ def train_fasttd3(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str]
         if lead:
             atomic_write(run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(resolved).encode()))
             wandb = OmegaConf.to_container(cfg.wandb) if cfg.logger == "wandb" else None
-            logger = RunLogger(run_dir, config=resolved, wandb=wandb, start_step=counters.env_step)
+            logger = RunLogger(run_dir, config=resolved, wandb=wandb,
+                               resumed_at=counters.env_step if resumed else None)
             progress = Progress(cfg.total_env_steps, counters.env_step)
         stack.callback(logger.close)
         stack.callback(progress.close)
         progress.update(counters.env_step, eval_return=counters.last_eval_return)
-        how = f"resumed at env_step {counters.env_step}" if counters.env_step else "started"
+        how = f"resumed at env_step {counters.env_step}" if resumed else "started"
         progress.write(f"{how}: {cfg.task.name}, fasttd3 with a {cfg.critic.kind} critic, {num_envs} envs x "
                        f"{world} process(es), run dir {run_dir}")  # fmt: skip
         # DMC episodes last max_episode_steps env steps in every env at once; a checkpoint restarts them all.
