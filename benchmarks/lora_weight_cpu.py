@@ -5,10 +5,10 @@ kernel itself needs a GPU, see lora_weight_gpu.py.)
 One refresh = project B (Eq. 13 root per row, B <- diag(c) B) and produce W_eff = W0 + s B A, for the SAC
 critic's block matrices, r = 96, alpha = 96: base (512x2048, 2048x512) and large (1024x4096, 4096x1024).
 
-* unfused: the plain sequence LoRALinear ran before the op existed (`projection_factors` on
+* unfused: the plain sequence the LoRA layer ran before the op existed (`projection_factors` on
   `lora_delta`, `B.mul_`, then `W0 + lora_delta` again in the next forward), no custom-op dispatch;
 * eager reference: `fasttd3_lora.kernels.lora_weight(..., backend="torch")`, the op in eager mode;
-* eager in place: the same with `out=` a preallocated W_eff, as `LoRALinear` refreshes its `w_eff` buffer in
+* eager in place: the same with `out=` a preallocated W_eff, as `SphericalLoRALinear` refreshes its `w_eff` buffer in
   training (no fresh (out, in) tensor per call: page faults on fresh large allocations are costly on VMs);
 * compiled reference: the same call under `torch.compile(fullgraph=True)`; Inductor sees the op's body
   (it is a `triton_op`) and fuses its elementwise work around the two matmuls.
@@ -33,7 +33,8 @@ from collections.abc import Callable
 import torch
 
 from fasttd3_lora.kernels import lora_weight
-from fasttd3_lora.lora import lora_delta, projection_factors
+from fasttd3_lora.adapters import lora_delta
+from fasttd3_lora.lora_projection import projection_factors
 
 SHAPES = {"base": [(512, 2048), (2048, 512)], "large": [(1024, 4096), (4096, 1024)]}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

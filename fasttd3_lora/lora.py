@@ -7,8 +7,10 @@ step, `project_()` rescales each row of `B` by the positive root `c_i` of `||w0_
 `W_eff = W0 + diag(c) s B A` from the same product as the buffer `w_eff` (the dense forward and the target
 critic use it; it is saved with the model).
 
-The math is in pure functions (`lora_delta`, `positive_root`, `projection_factors`, `hyperspherical_lora_weight`)
-so a fused kernel can replace them.
+The projection's math is in pure functions (`fasttd3_lora.lora_projection`: Eq. 13 is `positive_root`), which
+the fused kernel (`fasttd3_lora.kernels.lora_weight`) replaces; `s B A` and the adapter contract (`AdapterLayer`:
+frozen `base`, trainable `lora_A` / `lora_B`, `effective_weight()`) are those of the general adapters
+(`fasttd3_lora.adapters`), of which this layer is the hyperspherical variant.
 """
 
 from __future__ import annotations
@@ -18,75 +20,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fasttd3_lora.adapters import AdapterLayer, check_rank_alpha, lora_delta
 from fasttd3_lora.hypersphere import Projected, SphericalLinear, check_ensemble, check_positive_int, linear
 from fasttd3_lora.kernels import cached_lora_weight, lora_weight
 
-__all__ = [
-    "ROOT_EPS",
-    "lora_delta",
-    "positive_root",
-    "projection_factors",
-    "hyperspherical_lora_weight",
-    "frozen_base",
-    "LoRALinear",
-]
-
-# Denominator guard of the root: only reached when dW_i is (numerically) zero, where no finite root exists.
-ROOT_EPS = 1e-30
-
-
-def lora_delta(lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
-    """`dW = s B A`: (out, r) @ (r, in) -> (out, in), batched over a leading ensemble axis; into `out` if given."""
-    return torch.matmul(lora_B, lora_A, out=out).mul_(scale)  # scaled in place: no second (out, in) temporary
-
-
-def positive_root(a: Tensor, b: Tensor, g: Tensor, eps: float = ROOT_EPS) -> Tensor:
-    """The positive root c of `a c^2 + 2 b c - g = 0` (Eq. 13), elementwise, in float32.
-
-    `a = ||dw||^2`, `b = <w0, dw>`, `g = 1 - ||w0||^2 > 0`; the roots have product `-g/a < 0`, so exactly one
-    is positive: `c = (-b + sqrt(D)) / a = g / (b + sqrt(D))` with `D = b^2 + a g` (clamped at 0).
-    The rationalised form `g / (b + sqrt(D))` is cancellation-free for `b >= 0`, but for `b < 0` it subtracts
-    two nearly equal numbers when `g` is small (dw anti-parallel to a base row of norm near 1: measured in fp32,
-    `||w0 + c dw||^2 - 1` reached 1e-4 at ||w0||^2 = 0.999 and 7e-3 at 0.9999), so that branch uses the equal
-    `(sqrt(D) - b) / a`, which only adds (error stays ~2e-7).
-    """
-    a, b, g = a.float(), b.float(), g.float()
-    sqrt_d = torch.sqrt(torch.clamp(b * b + a * g, min=0.0))
-    nonneg = b >= 0
-    numerator = torch.where(nonneg, g, sqrt_d - b)
-    denominator = torch.where(nonneg, b + sqrt_d, a)
-    return numerator / denominator.clamp_min(eps)
-
-
-def projection_factors(base: Tensor, delta: Tensor) -> Tensor:
-    """Per-row factors c_i > 0 with `||w0_i + c_i dw_i|| = 1` (Eqs. 11-13), shape `base.shape[:-1]`, fp32."""
-    base, delta = base.float(), delta.float()
-    with torch.autocast(base.device.type, enabled=False):  # the row dots are matmuls: keep them out of bf16
-        return positive_root(_row_dot(delta, delta), _row_dot(base, delta), 1.0 - _row_dot(base, base))
-
-
-def _row_dot(x: Tensor, y: Tensor) -> Tensor:
-    """`(x * y).sum(-1)` as a batched matrix-vector product: no (out, in) temporary, which on a CPU costs more
-    (fresh pages) than the arithmetic."""
-    return torch.einsum("...i,...i->...", x, y)
-
-
-def hyperspherical_lora_weight(
-    base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project: bool = True
-) -> tuple[Tensor, Tensor]:
-    """Reference of the projection: `(W_eff, c)` with `W_eff = W0 + diag(c) s B A` (fp32); mutates nothing.
-
-    With `project=False` (LoRA-NoWN) `c` is all ones. `project_()` applies `B <- diag(c) B`, after which
-    `W0 + s B A` equals the returned `W_eff`.
-    """
-    with torch.autocast(base.device.type, enabled=False):  # fp32 even if called inside a bf16 region
-        delta = lora_delta(lora_A.float(), lora_B.float(), scale)
-    if project:
-        c = projection_factors(base, delta)
-    else:
-        c = torch.ones(delta.shape[:-1], dtype=torch.float32, device=delta.device)
-    return base.float() + c.unsqueeze(-1) * delta, c
-
+__all__ = ["frozen_base", "SphericalLoRALinear"]
 
 def _check_open_unit(name: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value < 1.0):
@@ -127,7 +65,7 @@ def _rescale_rows(weight: Tensor, base_init_scale: float) -> Tensor:
     return weight * (math.sqrt(base_init_scale) / norms)
 
 
-class LoRALinear(Projected):
+class SphericalLoRALinear(Projected, AdapterLayer):
     """Bias-free linear layer `W = W0 + (alpha/r) B A` with hyperspherical projection of `B` (DESIGN §3).
 
     Switches for the paper's §7 ablations: `project=False` is LoRA-NoWN (`project_()` leaves B as it is);
@@ -153,10 +91,7 @@ class LoRALinear(Projected):
         check_positive_int("out_features", out_features)
         check_ensemble(ensemble)
         full = min(in_features, out_features)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
-            raise ValueError(f"rank must be an int in [1, min(in, out)] = [1, {full}], got {rank!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        check_rank_alpha(rank, alpha, full)
         _check_open_unit("base_init_scale", base_init_scale)
         if base_rank is not None:
             if not use_base:
@@ -205,7 +140,7 @@ class LoRALinear(Projected):
         base_init_scale: float = 0.5,
         *,
         project: bool = True,
-    ) -> "LoRALinear":
+    ) -> "SphericalLoRALinear":
         """Dense warm-up conversion (paper Figure 4): W0 := the layer's current weight with rows rescaled to
         `||w0_i||^2 = base_init_scale`; fresh adapters, projected. Same device as `layer`."""
         if not isinstance(layer, SphericalLinear):
@@ -236,6 +171,14 @@ class LoRALinear(Projected):
         if not torch.compiler.is_compiling() and self._w_eff_key == self._cache_key():
             return cached_lora_weight(self.w_eff, self.lora_A, self.lora_B, self.scale)
         return lora_weight(self.base, self.lora_A, self.lora_B, self.scale, project=False)[0]
+
+    @torch.no_grad()
+    def dense_copy(self) -> SphericalLinear:
+        """A `SphericalLinear` holding `effective_weight()` (the target critic's layer; never projected)."""
+        weight = self.effective_weight()
+        dense = SphericalLinear(self.in_features, self.out_features, ensemble=self.ensemble).to(weight.device)
+        dense.weight.copy_(weight)
+        return dense
 
     def forward(self, x: Tensor) -> Tensor:
         # Rows of x per ensemble member decide the cheaper form (DESIGN §3): the factored form costs

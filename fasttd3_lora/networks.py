@@ -1,8 +1,9 @@
 """Critics and actors built from SimbaV2 blocks (DESIGN §1-§4), target networks and optimiser groups.
 
 Critics are always a stacked ensemble (`num_critics` = E = 1 or 2): one pass returns logits (E, N, K).
-The LoRA critic puts `LoRALinear` only on the block matrices W1, W2 (DESIGN §3); its target is a dense copy
-(`dense_target`) updated with the EMA of the effective weights (`polyak_update_`).
+The LoRA critic puts `SphericalLoRALinear` only on the block matrices W1, W2 (DESIGN §3); its target is a dense
+copy (`dense_target`) updated with the EMA of the effective weights (`polyak_update_`). Optimiser groups, targets
+and Polyak averaging see adapted layers only through the adapter contract (`fasttd3_lora.adapters.AdapterLayer`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from torch import Tensor, nn
 
 from fasttd3_lora.distributional import expected_value, make_atoms
 from fasttd3_lora.hypersphere import SphericalLinear, check_positive_int
-from fasttd3_lora.lora import LoRALinear
+from fasttd3_lora.adapters import AdapterLayer, adapter_parameters
+from fasttd3_lora.lora import SphericalLoRALinear
 from fasttd3_lora.simbav2 import Block, Head, LinearFactory, SimbaV2Encoder
 from fasttd3_lora.sparse import apply_sparsity_
 
@@ -44,15 +46,15 @@ __all__ = [
 ]
 
 CRITIC_KINDS = ("simbav2", "sparse", "lora")
-# Keyword arguments of LoRALinear a `lora` config may set (optimiser settings such as weight decay live elsewhere).
+# Keyword arguments of SphericalLoRALinear a `lora` config may set (optimiser settings such as weight decay live elsewhere).
 LORA_OPTIONS = ("rank", "alpha", "base_init_scale", "project", "use_base", "base_rank")
 LOG_STD_MIN = -10.0  # SAC actor log-std range [-10, 2] (DESIGN §1)
 LOG_STD_MAX = 2.0
 
 
 def lora_parameters(net: nn.Module) -> list[nn.Parameter]:
-    """The adapters (A, B) of every `LoRALinear` in `net`: the LoRA optimiser group."""
-    return [p for m in net.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
+    """The factors (A, B) of every adapted layer in `net`: the LoRA optimiser group."""
+    return adapter_parameters(net)
 
 
 def non_lora_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -185,7 +187,7 @@ def make_critic(
     generator: torch.Generator | None = None,
 ) -> CategoricalCritic:
     """Build a categorical critic of `kind` "simbav2" (dense), "sparse" (ER masks at `sparsity`, drawn with
-    `generator`, None = global RNG) or "lora" (LoRALinear on block W1/W2, keyword arguments from `lora`, keys in
+    `generator`, None = global RNG) or "lora" (SphericalLoRALinear on block W1/W2, keyword arguments from `lora`, keys in
     LORA_OPTIONS). Weight init uses torch's global RNG. Settings of another kind are an error, not ignored."""
     if kind not in CRITIC_KINDS:
         raise ValueError(f"kind must be one of {CRITIC_KINDS}, got {kind!r}")
@@ -199,7 +201,7 @@ def make_critic(
         unknown = sorted(set(options) - set(LORA_OPTIONS))
         if unknown:
             raise ValueError(f"unknown lora settings {unknown}; allowed: {list(LORA_OPTIONS)}")
-        block_linear = functools.partial(LoRALinear, **options)
+        block_linear = functools.partial(SphericalLoRALinear, **options)
     critic = CategoricalCritic(
         obs_dim, act_dim, hidden_dim, num_blocks, num_atoms, v_min, v_max, num_critics, block_linear
     )
@@ -221,19 +223,12 @@ def _replace_children_(net: nn.Module, kind: type[nn.Module], convert: Callable[
     return count
 
 
-@torch.no_grad()
-def _dense_copy(layer: LoRALinear) -> SphericalLinear:
-    weight = layer.effective_weight()
-    dense = SphericalLinear(layer.in_features, layer.out_features, ensemble=layer.ensemble).to(weight.device)
-    dense.weight.copy_(weight)
-    return dense
-
-
 def dense_target(critic: nn.Module) -> nn.Module:
-    """Target network: a copy of `critic` in which every `LoRALinear` is a dense `SphericalLinear` holding its
-    `effective_weight()`; nothing in it requires grad. It is updated by `polyak_update_` and never projected."""
+    """Target network: a copy of `critic` in which every adapted layer is its `dense_copy()` (the critic's: a
+    `SphericalLinear` holding its `effective_weight()`); nothing in it requires grad. It is updated by
+    `polyak_update_` and never projected."""
     target = copy.deepcopy(critic)
-    _replace_children_(target, LoRALinear, _dense_copy)
+    _replace_children_(target, AdapterLayer, lambda layer: layer.dense_copy())
     return target.requires_grad_(False)
 
 
@@ -251,9 +246,9 @@ def polyak_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
     destinations: list[Tensor] = []
     sources: list[Tensor] = []
     for t, o in zip(target_modules, online_modules):
-        if isinstance(o, LoRALinear):
-            if not isinstance(t, SphericalLinear):
-                raise ValueError(f"a LoRALinear's target must be a SphericalLinear, got {type(t).__name__}")
+        if isinstance(o, AdapterLayer):
+            if not isinstance(getattr(t, "weight", None), Tensor) or isinstance(t, AdapterLayer):
+                raise ValueError(f"an adapted layer's target must be a dense layer, got {type(t).__name__}")
             destinations.append(t.weight)
             sources.append(o.effective_weight())
             continue
@@ -276,14 +271,14 @@ def convert_blocks_to_lora_(
     project: bool = True,
 ) -> int:
     """Dense warm-up (paper Figure 4): every dense matrix of every SimbaV2 `Block` in `net` becomes
-    `LoRALinear.from_dense` (its current weight, rescaled rows, frozen). Embedder and heads stay dense.
+    `SphericalLoRALinear.from_dense` (its current weight, rescaled rows, frozen). Embedder and heads stay dense.
     Returns the number of converted matrices; rebuild the optimiser (and keep the target as it is) afterwards."""
     count = 0
     for block in [m for m in net.modules() if isinstance(m, Block)]:
         count += _replace_children_(
             block,
             SphericalLinear,
-            lambda layer: LoRALinear.from_dense(layer, rank, alpha, base_init_scale, project=project),
+            lambda layer: SphericalLoRALinear.from_dense(layer, rank, alpha, base_init_scale, project=project),
         )
     return count
 
@@ -366,7 +361,7 @@ class CriticSettings:
         )
 
     def lora_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `LoRALinear` (`make_critic(..., lora=...)`)."""
+        """Keyword arguments of `SphericalLoRALinear` (`make_critic(..., lora=...)`)."""
         return dict(
             rank=self.lora_rank,
             alpha=self.lora_alpha,

@@ -6,7 +6,7 @@ reference of `fasttd3_lora.lora` (the CPU path and the tests' oracle):
 * `fasttd3_lora::lora_weight_refresh_(base, lora_A, lora_B!, w_eff!, scale, project, backend) -> c` refreshes
   a layer after an optimiser step: with `project` it scales the rows of `lora_B` by `c` in place, and it
   writes `W_eff = W0 + diag(c) s B A` into `w_eff` from the one product `s B A` of the B it was given (equal
-  to `W0 + s B_new A` up to rounding; a layer keeps this W_eff as state, see `LoRALinear`). Both mutations
+  to `W0 + s B_new A` up to rounding; a layer keeps this W_eff as state, see `fasttd3_lora.lora.SphericalLoRALinear`). Both mutations
   are declared. It is a parameter update, so it has no autograd formula of its own.
 * `fasttd3_lora::lora_weight_dense(base, lora_A, lora_B, scale, backend) -> W_eff = W0 + s B A` is the
   differentiable forward use of the weight (gradients to A and B only, `lora_weight_backward`).
@@ -25,6 +25,9 @@ import os
 import torch
 from torch import Tensor
 from torch.library import triton_op
+
+from fasttd3_lora.adapters import lora_delta
+from fasttd3_lora.lora_projection import ROOT_EPS, projection_factors
 
 __all__ = ["BACKENDS", "lora_weight", "cached_lora_weight", "lora_weight_backward"]
 
@@ -46,10 +49,6 @@ def _compute(base: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, project
     the weight, `W_eff = W0 + diag(c) ΔW` (DESIGN §3; c = 1 without projection), accumulated in fp32 and
     rounded once to base.dtype: the arithmetic of the reference `hyperspherical_lora_weight` and of the
     Triton kernel's pass 2."""
-    # Imported here, not at the top: fasttd3_lora.lora imports this package for LoRALinear (an import cycle
-    # otherwise). This body runs as the op's kernel, never under Dynamo, so the import is a dict lookup.
-    from fasttd3_lora.lora import ROOT_EPS, lora_delta, projection_factors
-
     c = base.new_ones(base.shape[:-1], dtype=torch.float32)
     if backend == "triton":
         from fasttd3_lora.kernels import triton_lora  # lazy: importing triton costs ~1 s and is optional

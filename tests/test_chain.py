@@ -146,7 +146,7 @@ def test_lora_starts_as_the_dense_network_and_trains_only_a_b_and_output():
             opt.step()
         for layer, base in zip(lora.hidden, bases):
             assert torch.equal(layer.base, base)
-            assert torch.linalg.matrix_rank(layer.lora_B[0] @ layer.lora_A[0]) <= layer.lora_A.shape[1]
+            assert torch.linalg.matrix_rank(layer.lora_B[0, 0] @ layer.lora_A[0, 0]) <= layer.rank
 
 
 @pytest.mark.parametrize("regime", REGIMES)

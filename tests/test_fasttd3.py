@@ -19,7 +19,7 @@ from tensordict import TensorDict
 from fasttd3_lora.distributional import categorical_projection, select_min_target
 from fasttd3_lora.fasttd3 import FastTD3, FastTD3Config, actor_loss, cosine_lr, critic_loss, target_action
 from fasttd3_lora.hypersphere import Projected
-from fasttd3_lora.lora import LoRALinear
+from fasttd3_lora.lora import SphericalLoRALinear
 from fasttd3_lora.networks import DeterministicActor, lora_parameters, make_critic, non_lora_parameters
 
 OBS, ACT, CRITIC_OBS, ENVS, N = 3, 2, 5, 4, 16
@@ -148,14 +148,14 @@ def test_agent_has_no_target_actor() -> None:
 def test_rows_unit_norm_after_critic_and_actor_steps_and_lora_base_frozen(kind: str) -> None:
     agent = make_agent(make_cfg(kind))
     warm_stats(agent)
-    bases = [m.base.clone() for m in agent.critic.modules() if isinstance(m, LoRALinear)]
+    bases = [m.base.clone() for m in agent.critic.modules() if isinstance(m, SphericalLoRALinear)]
     actor_before = [p.detach().clone() for p in agent.actor.parameters()]
     for i in range(4):
         agent.update(random_batch(seed=i), update_actor=True)
     assert any(not torch.equal(a, p) for a, p in zip(actor_before, agent.actor.parameters()))
     torch.testing.assert_close(row_norms(agent.critic), torch.ones_like(row_norms(agent.critic)), atol=2e-6, rtol=0)
     torch.testing.assert_close(row_norms(agent.actor), torch.ones_like(row_norms(agent.actor)), atol=2e-6, rtol=0)
-    new_bases = [m.base for m in agent.critic.modules() if isinstance(m, LoRALinear)]
+    new_bases = [m.base for m in agent.critic.modules() if isinstance(m, SphericalLoRALinear)]
     assert len(new_bases) == (2 if kind == "lora" else 0)  # W1, W2 of the one block
     assert all(torch.equal(a, b) for a, b in zip(bases, new_bases))
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from fasttd3_lora.hypersphere import l2_normalize  # noqa: E402
 from fasttd3_lora.kernels import BACKENDS, cached_lora_weight, lora_weight, ops  # noqa: E402
-from fasttd3_lora.lora import LoRALinear, hyperspherical_lora_weight  # noqa: E402
+from fasttd3_lora.lora import SphericalLoRALinear  # noqa: E402
+from fasttd3_lora.lora_projection import hyperspherical_lora_weight  # noqa: E402
 from fasttd3_lora.networks import make_critic  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -121,7 +122,7 @@ def test_without_projection_both_backends_give_w0_plus_sba_and_leave_b(dtype):
 def test_triton_matches_reference_on_any_shape(out_f, in_f, rank, lead, base_sq, seed):
     """Any sizes (not multiples of the blocks, rank padded to 16 or 32), any W0 norm in (0, 1).
 
-    Rows of at least 8 inputs and r <= min(in, out) (LoRALinear's range): with a single input column, a row
+    Rows of at least 8 inputs and r <= min(in, out) (SphericalLoRALinear's range): with a single input column, a row
     of dW = s B A is one dot product that can cancel to ~1e-3 of its terms, and then dW itself (so c, which
     scales like 1 / ||dw_i||) carries fp32 summation-order error of ~3e-5 on either backend."""
     rank = min(rank, in_f, out_f)
@@ -318,12 +319,12 @@ def test_triton_rejects_float64():
         lora_weight(base, lora_A, lora_B, SCALE, backend="triton")
 
 
-# ---- LoRALinear and the critic use the op (issue item 5) ----
+# ---- SphericalLoRALinear and the critic use the op (issue item 5) ----
 
 
 def lora_layer(in_f=24, out_f=40, ensemble=2, seed=0, **kw):
     torch.manual_seed(seed)
-    return LoRALinear(in_f, out_f, rank=4, alpha=4.0, ensemble=ensemble, **kw)
+    return SphericalLoRALinear(in_f, out_f, rank=4, alpha=4.0, ensemble=ensemble, **kw)
 
 
 def dense_rows(layer):

@@ -8,13 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fasttd3_lora.hypersphere import SphericalLinear
-from fasttd3_lora.lora import (
-    LoRALinear,
-    hyperspherical_lora_weight,
-    lora_delta,
-    positive_root,
-    projection_factors,
-)
+from fasttd3_lora.adapters import lora_delta
+from fasttd3_lora.lora import SphericalLoRALinear
+from fasttd3_lora.lora_projection import hyperspherical_lora_weight, positive_root, projection_factors
 
 
 def row_norms(w: torch.Tensor) -> torch.Tensor:
@@ -26,7 +22,7 @@ def assert_unit_rows(w: torch.Tensor, tol: float = 1e-5) -> None:
     assert err <= tol, f"max | ||w_i|| - 1 | = {err}"
 
 
-def train_steps(layer: LoRALinear, steps: int, seed: int = 0, check=None) -> None:
+def train_steps(layer: SphericalLoRALinear, steps: int, seed: int = 0, check=None) -> None:
     """AdamW steps on a random regression, each followed by project_()."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=2e-4)
@@ -46,7 +42,7 @@ def train_steps(layer: LoRALinear, steps: int, seed: int = 0, check=None) -> Non
 @pytest.mark.parametrize("shape", [(64, 256), (256, 64)])
 def test_projection_invariants_hold_over_many_adamw_steps(shape, ensemble):
     torch.manual_seed(0)
-    layer = LoRALinear(*shape, rank=8, alpha=8.0, ensemble=ensemble)
+    layer = SphericalLoRALinear(*shape, rank=8, alpha=8.0, ensemble=ensemble)
     base0 = layer.base.clone()
     w_init = layer.effective_weight().detach().clone()
     assert_unit_rows(w_init)
@@ -96,7 +92,7 @@ def test_positive_root_is_the_positive_solution_of_the_quadratic():
 
 def test_reference_weight_does_not_mutate_and_matches_project():
     torch.manual_seed(1)
-    layer = LoRALinear(16, 32, rank=4, alpha=4.0, project=False)  # unprojected adapters
+    layer = SphericalLoRALinear(16, 32, rank=4, alpha=4.0, project=False)  # unprojected adapters
     layer.project = True
     b_before = layer.lora_B.detach().clone()
     w_eff, c = hyperspherical_lora_weight(layer.base, layer.lora_A, layer.lora_B, layer.scale)
@@ -109,7 +105,7 @@ def test_reference_weight_does_not_mutate_and_matches_project():
 
 def test_base_and_adapter_init():
     torch.manual_seed(2)
-    layer = LoRALinear(64, 32, rank=16, alpha=32.0, base_init_scale=0.3)
+    layer = SphericalLoRALinear(64, 32, rank=16, alpha=32.0, base_init_scale=0.3)
     torch.testing.assert_close(row_norms(layer.base) ** 2, torch.full((32,), 0.3))
     # out <= in: orthogonal rows, each of squared norm base_init_scale
     torch.testing.assert_close(layer.base @ layer.base.T, 0.3 * torch.eye(32), atol=1e-5, rtol=0)
@@ -123,24 +119,24 @@ def test_base_and_adapter_init():
 @pytest.mark.parametrize("value", [1.0, 1.5, 0.0, -0.2])
 def test_base_init_scale_outside_open_unit_interval_is_rejected(value):
     with pytest.raises(ValueError, match=rf"base_init_scale must be in the open interval \(0, 1\), got {value}"):
-        LoRALinear(16, 8, rank=4, base_init_scale=value)
+        SphericalLoRALinear(16, 8, rank=4, base_init_scale=value)
 
 
 @pytest.mark.parametrize("rank", [0, -1, 9])
 def test_rank_outside_range_is_rejected(rank):
     with pytest.raises(ValueError, match=rf"rank must be an int in \[1, min\(in, out\)\] = \[1, 8\], got {rank}"):
-        LoRALinear(16, 8, rank=rank)
+        SphericalLoRALinear(16, 8, rank=rank)
 
 
 @pytest.mark.parametrize("base_rank", [0, 8])
 def test_base_rank_outside_range_is_rejected(base_rank):
     with pytest.raises(ValueError, match=rf"base_rank must be None or an int in \[1, min\(in, out\)\) = \[1, 8\), got {base_rank}"):
-        LoRALinear(16, 8, rank=4, base_rank=base_rank)
+        SphericalLoRALinear(16, 8, rank=4, base_rank=base_rank)
 
 
 def test_nobase_has_zero_base_and_unit_rows_from_adapters_alone():
     torch.manual_seed(3)
-    layer = LoRALinear(32, 16, rank=4, alpha=4.0, use_base=False)
+    layer = SphericalLoRALinear(32, 16, rank=4, alpha=4.0, use_base=False)
     assert torch.equal(layer.base, torch.zeros(16, 32))
     torch.testing.assert_close(layer.effective_weight(), layer.delta_weight())
     train_steps(layer, 10, check=lambda _: assert_unit_rows(layer.effective_weight()))
@@ -152,7 +148,7 @@ def test_nobase_has_zero_base_and_unit_rows_from_adapters_alone():
 @pytest.mark.parametrize("base_rank", [1, 5])
 def test_low_rank_base_has_that_rank_and_rescaled_rows(base_rank):
     torch.manual_seed(4)
-    layer = LoRALinear(24, 16, rank=4, base_rank=base_rank, ensemble=2)
+    layer = SphericalLoRALinear(24, 16, rank=4, base_rank=base_rank, ensemble=2)
     assert torch.all(torch.linalg.matrix_rank(layer.base) == base_rank)
     torch.testing.assert_close(row_norms(layer.base) ** 2, torch.full((2, 16), 0.5))
     assert_unit_rows(layer.effective_weight())
@@ -160,7 +156,7 @@ def test_low_rank_base_has_that_rank_and_rescaled_rows(base_rank):
 
 def test_nown_does_not_project():
     torch.manual_seed(5)
-    layer = LoRALinear(32, 16, rank=4, alpha=4.0, project=False)
+    layer = SphericalLoRALinear(32, 16, rank=4, alpha=4.0, project=False)
     b = layer.lora_B.detach().clone()
     layer.project_()
     assert torch.equal(layer.lora_B, b)
@@ -173,7 +169,7 @@ def test_nown_does_not_project():
 def test_from_dense_freezes_the_rescaled_dense_weight(ensemble):
     torch.manual_seed(6)
     dense = SphericalLinear(20, 12, ensemble=ensemble)
-    lora = LoRALinear.from_dense(dense, rank=4, alpha=4.0, base_init_scale=0.4)
+    lora = SphericalLoRALinear.from_dense(dense, rank=4, alpha=4.0, base_init_scale=0.4)
     assert lora.ensemble == ensemble and lora.rank == 4
     torch.testing.assert_close(lora.base, math.sqrt(0.4) * dense.weight.detach())
     x = torch.randn(5, 20)
@@ -183,14 +179,14 @@ def test_from_dense_freezes_the_rescaled_dense_weight(ensemble):
 
 
 def test_from_dense_rejects_other_layers():
-    with pytest.raises(ValueError, match="from_dense expects a SphericalLinear, got LoRALinear"):
-        LoRALinear.from_dense(LoRALinear(8, 8, rank=2), rank=2)
+    with pytest.raises(ValueError, match="from_dense expects a SphericalLinear, got SphericalLoRALinear"):
+        SphericalLoRALinear.from_dense(SphericalLoRALinear(8, 8, rank=2), rank=2)
 
 
 @pytest.mark.parametrize("ensemble", [None, 2])
 def test_factored_and_dense_forward_agree(ensemble):
     torch.manual_seed(7)
-    layer = LoRALinear(48, 16, rank=4, alpha=8.0, ensemble=ensemble)
+    layer = SphericalLoRALinear(48, 16, rank=4, alpha=8.0, ensemble=ensemble)
     threshold = 48 * 16 / (48 + 16)  # 12 rows: below uses the factored form, above the dense one
     lead = () if ensemble is None else (ensemble,)
     for rows in (3, 12, 13, 40):
@@ -202,7 +198,7 @@ def test_factored_and_dense_forward_agree(ensemble):
 
 @pytest.mark.parametrize("rows", [2, 64])  # factored and dense paths
 def test_gradients_reach_only_the_adapters(rows):
-    layer = LoRALinear(16, 8, rank=4)
+    layer = SphericalLoRALinear(16, 8, rank=4)
     layer(torch.randn(rows, 16)).square().sum().backward()
     assert layer.base.grad is None and not layer.base.requires_grad
     assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
@@ -211,7 +207,7 @@ def test_gradients_reach_only_the_adapters(rows):
 
 def test_projection_stays_fp32_inside_a_bf16_autocast_region():
     torch.manual_seed(8)
-    layer = LoRALinear(64, 128, rank=8, project=False)
+    layer = SphericalLoRALinear(64, 128, rank=8, project=False)
     layer.project = True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer.project_()

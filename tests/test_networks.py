@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fasttd3_lora.hypersphere import SphericalLinear, project_
-from fasttd3_lora.lora import LoRALinear
+from fasttd3_lora.lora import SphericalLoRALinear
 from fasttd3_lora.networks import (
     CategoricalCritic,
     DeterministicActor,
@@ -107,20 +107,20 @@ def adamw_steps(critic, steps: int, seed: int = 0) -> None:
 def test_lora_critic_keeps_every_effective_row_on_the_sphere_while_training():
     torch.manual_seed(2)
     critic = make_critic("lora", 5, 2, 16, 2, 11, -1.0, 1.0, num_critics=2, lora=dict(rank=4, alpha=4.0))
-    bases = [m.base.clone() for m in critic.modules() if isinstance(m, LoRALinear)]
+    bases = [m.base.clone() for m in critic.modules() if isinstance(m, SphericalLoRALinear)]
     adamw_steps(critic, 20)
-    matrices = [m for m in critic.modules() if isinstance(m, (SphericalLinear, LoRALinear))]
+    matrices = [m for m in critic.modules() if isinstance(m, (SphericalLinear, SphericalLoRALinear))]
     assert len(matrices) == 1 + 4 + 2
     for m in matrices:
         norms = torch.linalg.vector_norm(m.effective_weight(), dim=-1)
         torch.testing.assert_close(norms, torch.ones_like(norms))
-    assert all(torch.equal(m.base, b) for m, b in zip([m for m in critic.modules() if isinstance(m, LoRALinear)], bases))
+    assert all(torch.equal(m.base, b) for m, b in zip([m for m in critic.modules() if isinstance(m, SphericalLoRALinear)], bases))
 
 
 def test_optimiser_groups_partition_the_parameters():
     critic = make_critic("lora", 5, 2, 16, 2, 11, -1.0, 1.0, lora=dict(rank=4))
     lora, rest = lora_parameters(critic), non_lora_parameters(critic)
-    layers = [m for m in critic.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in critic.modules() if isinstance(m, SphericalLoRALinear)]
     assert len(layers) == 4 and len(lora) == 8
     assert {id(p) for p in lora} == {id(p) for m in layers for p in (m.lora_A, m.lora_B)}
     assert {id(p) for p in lora}.isdisjoint(id(p) for p in rest)
@@ -131,16 +131,16 @@ def test_dense_target_is_dense_frozen_and_computes_the_same_function():
     torch.manual_seed(3)
     critic = make_critic("lora", 5, 2, 16, 2, 11, -1.0, 1.0, num_critics=2, lora=dict(rank=4))
     target = dense_target(critic)
-    assert not any(isinstance(m, LoRALinear) for m in target.modules())
+    assert not any(isinstance(m, SphericalLoRALinear) for m in target.modules())
     assert all(not p.requires_grad for p in target.parameters())
-    online_eff = [m.effective_weight() for m in critic.modules() if isinstance(m, LoRALinear)]
+    online_eff = [m.effective_weight() for m in critic.modules() if isinstance(m, SphericalLoRALinear)]
     target_blocks = [b for blk in target.encoder.blocks for b in (blk.w1, blk.w2)]
     for eff, dense in zip(online_eff, target_blocks):
         assert isinstance(dense, SphericalLinear)
         torch.testing.assert_close(dense.weight, eff.detach())
     obs, act = torch.randn(4, 5), torch.rand(4, 2)
     torch.testing.assert_close(target(obs, act), critic(obs, act).detach(), atol=1e-5, rtol=1e-5)
-    assert any(isinstance(m, LoRALinear) for m in critic.modules())  # the online critic is untouched
+    assert any(isinstance(m, SphericalLoRALinear) for m in critic.modules())  # the online critic is untouched
 
 
 def test_polyak_update_is_an_ema_of_effective_weights():
@@ -153,7 +153,7 @@ def test_polyak_update_is_an_ema_of_effective_weights():
     online_state = {k: v.clone() for k, v in critic.state_dict().items()}
     sources = []
     for t, o in zip(target.modules(), critic.modules()):
-        if isinstance(o, LoRALinear):
+        if isinstance(o, SphericalLoRALinear):
             sources.append(o.effective_weight().detach())
         else:
             sources.extend(p.detach() for p in o.parameters(recurse=False))
@@ -186,7 +186,7 @@ def test_dense_warm_up_conversion():
     assert convert_blocks_to_lora_(critic, rank=4, alpha=4.0, base_init_scale=0.5) == 4
     for block, (w1, w2) in zip(critic.encoder.blocks, old):
         for layer, w in ((block.w1, w1), (block.w2, w2)):
-            assert isinstance(layer, LoRALinear) and layer.ensemble == 2
+            assert isinstance(layer, SphericalLoRALinear) and layer.ensemble == 2
             torch.testing.assert_close(layer.base, math.sqrt(0.5) * w)
             norms = torch.linalg.vector_norm(layer.effective_weight(), dim=-1)
             torch.testing.assert_close(norms, torch.ones_like(norms))

@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 from hydra import compose, initialize_config_module
+from omegaconf import open_dict
 from tensordict import TensorDict
 
 from fasttd3_lora.hypersphere import Projected, SphericalLinear, project_
-from fasttd3_lora.lora import LoRALinear
+from fasttd3_lora.lora import SphericalLoRALinear
 from fasttd3_lora.networks import lora_parameters, non_lora_parameters, polyak_update_
 from fasttd3_lora.replay import ReplayBuffer
 from fasttd3_lora.sac import (
@@ -169,7 +170,7 @@ def test_update_equals_manual_reimplementation_in_design_order() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_update_keeps_rows_unit_norm_and_lora_base_frozen(kind: str) -> None:
     agent = make_agent(make_cfg(kind, lora_project=True) if kind == "lora" else make_cfg(kind))
-    bases = {id(m): m.base.clone() for m in agent.critic.modules() if isinstance(m, LoRALinear)}
+    bases = {id(m): m.base.clone() for m in agent.critic.modules() if isinstance(m, SphericalLoRALinear)}
     masks = {id(m): m.mask.clone() for m in agent.critic.modules() if isinstance(m, SphericalLinear) and m.mask is not None}
     assert bool(bases) == (kind == "lora") and bool(masks) == (kind == "sparse")
     for seed in range(3):
@@ -180,7 +181,7 @@ def test_update_keeps_rows_unit_norm_and_lora_base_frozen(kind: str) -> None:
                 norms = torch.linalg.vector_norm(m.effective_weight(), dim=-1)
                 torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
     for m in agent.critic.modules():
-        if isinstance(m, LoRALinear):
+        if isinstance(m, SphericalLoRALinear):
             assert torch.equal(m.base, bases[id(m)])
             assert not m.base.requires_grad
         if id(m) in masks:
@@ -189,7 +190,7 @@ def test_update_keeps_rows_unit_norm_and_lora_base_frozen(kind: str) -> None:
 
 def test_only_lora_adapters_have_weight_decay() -> None:
     agent = make_agent(make_cfg("lora"))
-    adapters = {id(p) for m in agent.critic.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)}
+    adapters = {id(p) for m in agent.critic.modules() if isinstance(m, SphericalLoRALinear) for p in (m.lora_A, m.lora_B)}
     assert adapters
     decayed = {id(p) for g in agent.critic_optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == adapters
@@ -272,13 +273,13 @@ def test_state_dict_round_trip_gives_bit_identical_updates(kind: str, warmup: fl
 def test_dense_warmup_converts_blocks_and_rebuilds_optimizer() -> None:
     cfg = make_cfg("lora", warmup_fraction=0.5)
     agent = make_agent(cfg, total_updates=4)
-    assert not any(isinstance(m, LoRALinear) for m in agent.critic.modules())
+    assert not any(isinstance(m, SphericalLoRALinear) for m in agent.critic.modules())
     for seed in range(2):
         agent.update(random_batch(seed=seed))
     dense_w1 = agent.critic.encoder.blocks[0].w1.weight.detach().clone()
     agent.update(random_batch(seed=2))  # update 2 = 0.5 * 4: converts first
     w1 = agent.critic.encoder.blocks[0].w1
-    assert isinstance(w1, LoRALinear)
+    assert isinstance(w1, SphericalLoRALinear)
     # W0 is the warmed-up weight with rows rescaled to squared norm base_init_scale (Eq. 14)
     torch.testing.assert_close(w1.base, dense_w1 * math.sqrt(0.5), atol=1e-6, rtol=0)
     decayed = {id(p) for g in agent.critic_optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -306,10 +307,14 @@ def test_bf16_autocast_update_is_close_to_fp32() -> None:
 def test_from_hydra_maps_the_config_groups(critic: str) -> None:
     with initialize_config_module("fasttd3_lora.configs", version_base=None):
         cfg = compose("config", overrides=[f"critic={critic}"])
-    with pytest.raises(ValueError, match="max_episode_steps"):
-        SACConfig.from_hydra(cfg)  # algo.discount is null in the recipe
-    sac = SACConfig.from_hydra(cfg, max_episode_steps=1000)
+    sac = SACConfig.from_hydra(cfg)  # algo.discount is null in the recipe: derived from the task's 1000 steps
     assert sac.discount == pytest.approx(0.99) and sac.critic_kind == critic
+    with open_dict(cfg):
+        cfg.task.max_episode_steps = 100  # T = 50 agent steps: clip((10 - 1) / 10, 0.95, 0.995)
+    assert SACConfig.from_hydra(cfg).discount == pytest.approx(0.95)
+    with open_dict(cfg):
+        cfg.algo.discount = 0.97  # a set discount is taken as it is
+    assert SACConfig.from_hydra(cfg).discount == 0.97
     assert (sac.batch_size, sac.num_atoms, sac.critic_hidden_dim) == (cfg.algo.batch_size, cfg.algo.num_atoms, 512)
     assert (sac.lora_rank is not None) == (critic == "lora")
     agent_fields = {f.name for f in dataclasses.fields(SACConfig)}

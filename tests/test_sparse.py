@@ -102,7 +102,7 @@ def test_scalers_and_biases_stay_dense():
 
 def test_apply_sparsity_refuses_lora_layers():
     critic = make_critic("lora", 5, 2, 16, 1, 11, -1.0, 1.0, lora=dict(rank=2))
-    with pytest.raises(ValueError, match=r"sparsity applies to dense SphericalLinear layers only, found \['LoRALinear'\]"):
+    with pytest.raises(ValueError, match=r"sparsity applies to dense SphericalLinear layers only, found \['SphericalLoRALinear'\]"):
         apply_sparsity_(critic, 0.5)
 
 

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from fasttd3_lora.adapters import LoRALinear
+
 LEFT, RIGHT = 0, 1
 NUM_ACTIONS = 2
 REGIMES = ("static", "td")
@@ -163,15 +165,6 @@ def true_q_error(q: Tensor, q_true: Tensor, policy: Tensor, state_weights: Tenso
 
 
 # --------------------------------------------------------------------------------------------- the critic
-def plain_lora_linear(x: Tensor, base: Tensor, a: Tensor | None = None, b: Tensor | None = None) -> Tensor:
-    """``x (W0 + B A)^T`` in the factored form ``x W0^T + (x A^T) B^T`` (cheaper: batch < d_in d_out/(d_in+d_out)).
-    Shapes: x (E, N, in), base (E, out, in), a (E, r, in), b (E, out, r)."""
-    y = x @ base.mT
-    if a is not None and b is not None:
-        y = y + (x @ a.mT) @ b.mT
-    return y
-
-
 class StackedLinear(nn.Module):
     """Dense bias-free layer of an ensemble: weight (E, out, in), trained."""
 
@@ -180,25 +173,22 @@ class StackedLinear(nn.Module):
         self.weight = nn.Parameter(weight.clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return plain_lora_linear(x, self.weight)
+        return x @ self.weight.mT
 
 
-class StackedPlainLoRA(nn.Module):
-    """Plain LoRA layer of an ensemble of one rank r: frozen ``W0`` (buffer), ``ΔW = B A`` with
-    ``A ~ N(0, 1/r)`` and ``B = 0``. ``a_noise`` (E, r, in) holds standard-normal draws (the caller owns the
-    randomness, so every model of a seed is built from the same stream)."""
-
-    def __init__(self, base: Tensor, a_noise: Tensor) -> None:
-        super().__init__()
-        if a_noise.dim() != 3 or a_noise.shape[0] != base.shape[0] or a_noise.shape[2] != base.shape[2]:
-            raise ValueError(f"a_noise {tuple(a_noise.shape)} does not fit base {tuple(base.shape)}: need (E, r, in)")
-        rank = a_noise.shape[1]
-        self.register_buffer("base", base.clone())
-        self.lora_A = nn.Parameter(a_noise / rank**0.5)
-        self.lora_B = nn.Parameter(torch.zeros(base.shape[0], base.shape[1], rank, dtype=base.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return plain_lora_linear(x, self.base, self.lora_A, self.lora_B)
+def plain_lora(base: Tensor, a_noise: Tensor) -> LoRALinear:
+    """Plain LoRA layer of an ensemble of one rank r (`fasttd3_lora.adapters.LoRALinear`, no bias, scale 1):
+    frozen ``W0 = base`` (E, out, in), ``ΔW = B A`` with ``A ~ N(0, 1/r)`` and ``B = 0``. ``a_noise`` (E, r, in)
+    holds standard-normal draws (the caller owns the randomness, so every model of a seed is built from the same
+    stream)."""
+    if a_noise.dim() != 3 or a_noise.shape[0] != base.shape[0] or a_noise.shape[2] != base.shape[2]:
+        raise ValueError(f"a_noise {tuple(a_noise.shape)} does not fit base {tuple(base.shape)}: need (E, r, in)")
+    members, out_features, in_features = base.shape
+    rank = a_noise.shape[1]
+    layer = LoRALinear(in_features, out_features, rank, alpha=rank, bias=False, ensemble=members, weight=base)
+    with torch.no_grad():
+        layer.lora_A[0].copy_(a_noise / rank**0.5)
+    return layer
 
 
 class ChainCritic(nn.Module):
@@ -281,7 +271,7 @@ def make_critics(cfg: ChainConfig, setup: ChainSetup) -> list[ChainCritic]:
     init of seed k and starts with B = 0, so every model of a seed starts as the same function."""
     dense = ChainCritic([StackedLinear(w) for w in setup.hidden_init], setup.out_init)
     loras = [
-        ChainCritic([StackedPlainLoRA(w, a) for w, a in zip(setup.hidden_init, noise)], setup.out_init)
+        ChainCritic([plain_lora(w, a) for w, a in zip(setup.hidden_init, noise)], setup.out_init)
         for noise in setup.lora_noise
     ]
     return [dense, *loras]
