@@ -23,7 +23,10 @@ from tensordict import TensorDict  # noqa: E402
 
 from fasttd3_lora.config import compose_config  # noqa: E402
 from fasttd3_lora.threads import choose_threads  # noqa: E402
-from fasttd3_lora.train import build_sac, evaluate, make_dmc_envs  # noqa: E402
+from fasttd3_lora.envs import EnvRequest, make_envs  # noqa: E402
+from fasttd3_lora.loops import sac as sac_loop  # noqa: E402
+from fasttd3_lora.loops.kit import evaluate  # noqa: E402
+from fasttd3_lora.sac import SACConfig  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +37,8 @@ def main() -> None:
 
     cfg = compose_config([])
     auto, why = choose_threads("auto", {})  # what a run started now would pick (ignoring OMP_NUM_THREADS)
-    env, eval_env = make_dmc_envs(cfg)
+    algo = SACConfig.from_hydra(cfg)
+    env, eval_env = make_envs(EnvRequest(cfg.task, algo.num_envs, algo.action_repeat, cfg.seed, "cpu", cfg.eval_episodes))
     obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
     env_steps = cfg.algo.num_envs * cfg.algo.action_repeat
     rows = []
@@ -42,7 +46,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(0)
-        agent, replay = build_sac(cfg, obs_dim, act_dim, 10**6, torch.device("cpu"), generator)
+        agent, replay = sac_loop.build(algo, obs_dim, act_dim, 10**6, torch.device("cpu"), generator)
         td = env.reset()
         for _ in range(cfg.algo.batch_size):  # enough transitions to sample batches from
             td.set("action", torch.rand(1, act_dim) * 2 - 1)

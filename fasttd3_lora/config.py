@@ -24,14 +24,14 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fasttd3_lora.fasttd3 import FastTD3Config
+from fasttd3_lora.checks import MISSING, ConfigError, boolean, choice, get, int_in, number_in, positive
+from fasttd3_lora.algorithms import ALGORITHMS
+from fasttd3_lora.envs import TASK_FAMILIES
 from fasttd3_lora.networks import CRITIC_KINDS
 from fasttd3_lora.threads import AUTO
 
 __all__ = [
     "CONFIG_MODULE",
-    "ALGORITHMS",
-    "TASK_FAMILIES",
     "RESUME_MAY_CHANGE",
     "ConfigError",
     "config_dir",
@@ -49,10 +49,6 @@ __all__ = [
 
 CONFIG_MODULE = "fasttd3_lora.configs"
 CONFIG_NAME = "config"
-# The names the config accepts for algo.name and task.family; train.py maps each to its builder (and checks at
-# import that the two agree).
-ALGORITHMS = ("sac", "fasttd3")
-TASK_FAMILIES = ("dmc", "isaaclab")
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("offline", "online", "disabled")
 # Top-level keys a resumed run may change: they steer the run, not what is learnt (docs/training.md, "Resume").
@@ -62,11 +58,6 @@ RESUME_MAY_CHANGE = (
     "algo.compile", "algo.compile_mode",  # how the same math is executed, not what it computes
 )  # fmt: skip
 _LIST_AT_MOST = 12  # a group with more options than this is answered with close matches only
-_MISSING = object()  # OmegaConf.select's default for "no such key" (None is a legal value)
-
-
-class ConfigError(ValueError):
-    """A bad command line or config value; the message is one line."""
 
 
 def path_safe(text: str) -> str:
@@ -150,7 +141,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
     base = compose_config([o.input_line for o in groups if not o.is_sweep_override()], check=False)
     keys = _leaf_keys(base)
     for override in plain:
-        if override.type == OverrideType.CHANGE and OmegaConf.select(base, override.key_or_group, default=_MISSING) is _MISSING:
+        if override.type == OverrideType.CHANGE and OmegaConf.select(base, override.key_or_group, default=MISSING) is MISSING:
             raise _unknown_key(override.key_or_group, keys)
 
 
@@ -195,53 +186,6 @@ def compose_config(overrides: Sequence[str] = (), *, check: bool = True, with_hy
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _get(cfg: DictConfig, key: str) -> Any:
-    value = OmegaConf.select(cfg, key, default=_MISSING)
-    if value is _MISSING:
-        raise ConfigError(f"{key}: missing from the config (compose it from configs/, see docs/training.md)")
-    return value
-
-
-def _int(cfg: DictConfig, key: str, lo: int, hi: int | None = None, or_else: str = "") -> int:
-    value = _get(cfg, key)
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    if not ok:
-        bound = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise ConfigError(f"{key}={value!r}: allowed {bound}{or_else}")
-    return value
-
-
-def _number(cfg: DictConfig, key: str, lo: float, hi: float, *, lo_open: bool, hi_open: bool) -> float:
-    value = _get(cfg, key)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-        allowed = f"a number > {lo}" if hi == float("inf") and lo_open else f"a number in {left}{lo}, {hi}{right}"
-        raise ConfigError(f"{key}={value!r}: allowed {allowed}")
-    return float(value)
-
-
-def _positive(cfg: DictConfig, key: str) -> float:
-    return _number(cfg, key, 0.0, float("inf"), lo_open=True, hi_open=True)
-
-
-def _choice(cfg: DictConfig, key: str, allowed: Iterable[Any]) -> Any:
-    value = _get(cfg, key)
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r}: allowed one of {', '.join(map(str, allowed))}")
-    return value
-
-
-def _bool(cfg: DictConfig, key: str) -> bool:
-    value = _get(cfg, key)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r}: allowed true or false")
-    return value
-
-
 def check_device(device: str) -> None:
     """Refuse a well-formed `device` this machine does not have, in one line (torch's own errors are deep and
     multi-line). Not part of `validate_config`: a config for another machine (a cluster sweep) is still valid."""
@@ -259,76 +203,50 @@ def check_device(device: str) -> None:
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise `ConfigError` (one line: key, value, what is allowed) on the first invalid value."""
-    _choice(cfg, "algo.name", ALGORITHMS)
-    _int(cfg, "seed", 0, 2**32 - 1)  # numpy's seeding range
-    device = _get(cfg, "device")
+    entry = ALGORITHMS[choice(cfg, "algo.name", ALGORITHMS)]
+    int_in(cfg, "seed", 0, 2**32 - 1)  # numpy's seeding range
+    device = get(cfg, "device")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
         raise ConfigError(f"device={device!r}: allowed cpu, cuda, cuda:<index> or mps")
-    if _get(cfg, "threads") != AUTO:
-        _int(cfg, "threads", 1, or_else=f" or {AUTO}")
+    if get(cfg, "threads") != AUTO:
+        int_in(cfg, "threads", 1, or_else=f" or {AUTO}")
     for key in ("total_env_steps", "eval_every", "checkpoint_every", "eval_episodes"):
-        _int(cfg, key, 1)
-    _bool(cfg, "save_buffer")
-    _bool(cfg, "keep_eval_checkpoints")
-    resume = _get(cfg, "resume")
+        int_in(cfg, key, 1)
+    boolean(cfg, "save_buffer")
+    boolean(cfg, "keep_eval_checkpoints")
+    resume = get(cfg, "resume")
     if resume is not None and not (isinstance(resume, str) and resume):
         raise ConfigError(f"resume={resume!r}: allowed null, a run directory or a checkpoint file")
-    if _choice(cfg, "logger", LOGGERS) == "wandb" and importlib.util.find_spec("wandb") is None:
+    if choice(cfg, "logger", LOGGERS) == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logger=wandb: the wandb package is not installed (pip install 'fasttd3-lora[wandb]')")
-    _choice(cfg, "wandb.mode", WANDB_MODES)
+    choice(cfg, "wandb.mode", WANDB_MODES)
 
-    _choice(cfg, "task.family", TASK_FAMILIES)
-    name, options = _get(cfg, "task.name"), group_options("task")
+    family = choice(cfg, "task.family", TASK_FAMILIES)
+    if family not in entry.families:
+        raise ConfigError(f"task.family={family!r}: {entry.name} runs {' and '.join(entry.families)} tasks only; "
+                          f"algorithms for {family}: {', '.join(n for n, a in ALGORITHMS.items() if family in a.families)}")
+    name, options = get(cfg, "task.name"), group_options("task")
     if name not in options:
         raise _unknown("task.name", str(name), options, "configs/task/")
-    _int(cfg, "task.max_episode_steps", 1)
+    int_in(cfg, "task.max_episode_steps", 1)
 
-    for key in ("num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
-                "actor_hidden_dim", "actor_num_blocks"):  # fmt: skip
-        _int(cfg, f"algo.{key}", 2 if key == "num_atoms" else 1)
-    _int(cfg, "algo.learning_starts", 0)
-    _positive(cfg, "algo.lr_init")
-    _positive(cfg, "algo.lr_final")
-    _number(cfg, "algo.tau", 0.0, 1.0, lo_open=True, hi_open=False)
-    if cfg.algo.name == "sac":
-        batch, buffer = cfg.algo.batch_size, cfg.algo.buffer_size
-        if batch > buffer:  # SAC's buffer counts transitions; FastTD3's counts steps per env
-            raise ConfigError(f"algo.batch_size={batch}: allowed at most algo.buffer_size ({buffer})")
-        _positive(cfg, "algo.temperature_init")
-        _number(cfg, "algo.target_entropy_per_action_dim", float("-inf"), float("inf"), lo_open=True, hi_open=True)
-        if _get(cfg, "algo.discount") is not None:
-            _number(cfg, "algo.discount", 0.0, 1.0, lo_open=False, hi_open=True)
-    v_min = _number(cfg, "algo.v_min", float("-inf"), float("inf"), lo_open=True, hi_open=True)
-    v_max = _number(cfg, "algo.v_max", float("-inf"), float("inf"), lo_open=True, hi_open=True)
-    if not v_min < v_max:
-        raise ConfigError(f"algo.v_max={v_max!r}: allowed a number > algo.v_min ({v_min!r})")
-    _choice(cfg, "algo.num_critics", (1, 2))
-    _number(cfg, "algo.lora_weight_decay", 0.0, float("inf"), lo_open=False, hi_open=True)
-    _bool(cfg, "algo.amp_bf16")
-    if cfg.algo.name == "sac":
-        _bool(cfg, "algo.compile")
+    hidden = int_in(cfg, "scale.critic_hidden_dim", 1)
+    int_in(cfg, "scale.critic_num_blocks", 1)
+    number_in(cfg, "scale.sparsity", 0.0, 1.0, lo_open=False, hi_open=True)
 
-    hidden = _int(cfg, "scale.critic_hidden_dim", 1)
-    _int(cfg, "scale.critic_num_blocks", 1)
-    _number(cfg, "scale.sparsity", 0.0, 1.0, lo_open=False, hi_open=True)
-
-    kind = _choice(cfg, "critic.kind", CRITIC_KINDS)
+    kind = choice(cfg, "critic.kind", CRITIC_KINDS)
     if kind == "lora":
         # The adapted matrices are the blocks' W1 (4d x d) and W2 (d x 4d): min(d_in, d_out) = d (DESIGN §3).
-        _int(cfg, "critic.rank", 1, hidden)
-        _positive(cfg, "critic.alpha")
-        _number(cfg, "critic.base_init_scale", 0.0, 1.0, lo_open=True, hi_open=True)
-        _bool(cfg, "critic.project")
-        _bool(cfg, "critic.use_base")
-        if _get(cfg, "critic.base_rank") is not None:
-            _int(cfg, "critic.base_rank", 1, hidden - 1)
-        _number(cfg, "critic.warmup_fraction", 0.0, 1.0, lo_open=False, hi_open=True)
-    if cfg.algo.name == "fasttd3":
-        # FastTD3Config checks the rest of its recipe (with a task family's task.fasttd3 values), one line each.
-        try:
-            FastTD3Config.from_hydra(cfg)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+        int_in(cfg, "critic.rank", 1, hidden)
+        positive(cfg, "critic.alpha")
+        number_in(cfg, "critic.base_init_scale", 0.0, 1.0, lo_open=True, hi_open=True)
+        boolean(cfg, "critic.project")
+        boolean(cfg, "critic.use_base")
+        if get(cfg, "critic.base_rank") is not None:
+            int_in(cfg, "critic.base_rank", 1, hidden - 1)
+        number_in(cfg, "critic.warmup_fraction", 0.0, 1.0, lo_open=False, hi_open=True)
+    # The algorithm's own config checks its keys (with a task family's values), one line each.
+    entry.config.check_hydra(cfg)
 
 
 # -------------------------------------------------------------------------------------------------- resume
@@ -360,7 +278,7 @@ def check_resume_compatible(cfg: Mapping[str, Any], saved: Mapping[str, Any]) ->
     """A resumed run may change only `RESUME_MAY_CHANGE`; anything else would not continue the same run."""
     now, before = _flatten(cfg), _flatten(saved)
     for key in sorted(set(now) | set(before)):
-        if key in RESUME_MAY_CHANGE or key.split(".")[0] in RESUME_MAY_CHANGE or now.get(key, _MISSING) == before.get(key, _MISSING):
+        if key in RESUME_MAY_CHANGE or key.split(".")[0] in RESUME_MAY_CHANGE or now.get(key, MISSING) == before.get(key, MISSING):
             continue
         raise ConfigError(
             f"{key}={now.get(key, '<absent>')!r}: a resumed run must keep the checkpoint's value "

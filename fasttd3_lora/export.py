@@ -19,7 +19,7 @@ What is read from a checkpoint (``fasttd3_lora.checkpoint`` format, loaded with 
 ``agent.actor`` (the actor's state dict: ``TanhGaussianActor`` for ``algo.name=sac``, ``DeterministicActor``
 for ``fasttd3``), ``agent.obs_rms`` (the observation normaliser's state dict; absent: raw observations) and,
 when the training app recorded it, ``meta.env`` (the output of `env_deploy_facts`). Without ``meta.env`` the
-env is built once from the run's config (``fasttd3_lora.train.ENV_BUILDERS``) and asked directly.
+env is built once from the run's config (``fasttd3_lora.envs.make_envs``) and asked directly.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ from torch import Tensor, nn
 
 import fasttd3_lora
 from fasttd3_lora.checkpoint import CHECKPOINT_DIR, LATEST, CheckpointError, load_checkpoint, run_dir_of
-from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor
+from fasttd3_lora.algorithms import ALGORITHMS, Algorithm
+from fasttd3_lora.envs import TASK_FAMILIES, EnvRequest, env_deploy_facts, make_envs
 from fasttd3_lora.normalization import RunningMeanStd
 
 __all__ = [
-    "ACTOR_OF_ALGO",
     "ACTOR_TYPES",
     "DEPLOY_FORMAT",
     "OPSET",
@@ -58,7 +58,6 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "DeployPolicy",
-    "env_deploy_facts",
     "policy_from_checkpoint",
     "deploy_metadata",
     "export_onnx",
@@ -70,9 +69,8 @@ __all__ = [
     "main",
 ]
 
-ACTOR_TYPES = (TanhGaussianActor, DeterministicActor)
-# algo.name -> the actor class its agent trains (FastTD3: issue 4; its agent saves the same keys).
-ACTOR_OF_ALGO: dict[str, type[nn.Module]] = {"sac": TanhGaussianActor, "fasttd3": DeterministicActor}
+# The actors an algorithm of the registry trains (each has `deterministic_action`).
+ACTOR_TYPES = tuple(dict.fromkeys(entry.actor for entry in ALGORITHMS.values()))
 DEPLOY_FORMAT = "fasttd3-lora-deploy/1"
 OPSET = 18
 INPUT_NAME = "obs"
@@ -210,78 +208,22 @@ def verify_onnx(path: str | Path, policy: DeployPolicy, obs: Tensor, tolerance: 
 # ----------------------------------------------------------------------------------------- deploy facts
 
 
-def _floats(x: Any) -> list[float]:
-    return torch.as_tensor(x).detach().to("cpu", torch.float64).reshape(-1).tolist()
-
-
-def _maybe_call(value: Any) -> Any:
-    return value() if callable(value) else value
-
-
-def env_deploy_facts(env: Any) -> dict[str, Any]:
-    """What an env says about its interface, as plain containers (the ``observation``/``action`` parts of
-    deploy.yaml and ``control_period_s``).
-
-    Read where the env exposes them (`fasttd3_lora.tasks.dmc.DMCEnv` and `fasttd3_lora.tasks.isaaclab.IsaacLabEnv`
-    do): ``observation_layout()`` (``[(key, shape)]`` in flattening order, or None),
-    ``observation_spec["observation"]``, ``action_spec`` (its bounds are the clip range; the policy's
-    ``actions`` are mapped with ``action_offset + action_scale * clip(actions)``), ``action_scale`` /
-    ``action_offset`` (default 1 / 0; ``action_map_known`` False when the env could not read its own map),
-    ``action_moving_average`` (Isaac Lab's in-hand tasks smooth joint targets: ``m * command + (1 - m) *
-    previous``), ``joint_names`` (attribute or method; one name per action dimension, in the trained order),
-    ``control_period`` (seconds per policy step). Missing facts are ``None``.
-    """
-    terms = env.observation_layout() if callable(getattr(env, "observation_layout", None)) else None
-    layout = None
-    if terms is not None:
-        layout, start = [], 0
-        for name, shape in terms:
-            size = math.prod(shape)
-            layout.append({"name": str(name), "shape": [int(d) for d in shape], "start": start, "size": size})
-            start += size
-    obs_dim = int(env.observation_spec["observation"].shape[-1])
-    if layout is not None and sum(e["size"] for e in layout) != obs_dim:
-        raise ExportError(f"observation_layout() covers {sum(e['size'] for e in layout)} values, observations have {obs_dim}")
-    spec = env.action_spec
-    act_dim = int(spec.shape[-1])
-    space = getattr(spec, "space", None)
-    low = _floats(space.low.reshape(-1, act_dim)[0]) if space is not None else [-1.0] * act_dim
-    high = _floats(space.high.reshape(-1, act_dim)[0]) if space is not None else [1.0] * act_dim
-    scale = getattr(env, "action_scale", None)
-    offset = getattr(env, "action_offset", None)
-    scale = [1.0] * act_dim if scale is None else _floats(torch.as_tensor(scale).expand(act_dim))
-    offset = [0.0] * act_dim if offset is None else _floats(torch.as_tensor(offset).expand(act_dim))
-    joints = _maybe_call(getattr(env, "joint_names", None))
-    if joints is not None:
-        joints = [str(j) for j in joints]
-        if len(joints) != act_dim:
-            raise ExportError(f"env names {len(joints)} joints for {act_dim} action dimensions")
-    period = _maybe_call(getattr(env, "control_period", None))
-    average = getattr(env, "action_moving_average", None)
-    return {
-        "observation": {"dim": obs_dim, "layout": layout},
-        "action": {"dim": act_dim, "scale": scale, "offset": offset, "clip": {"low": low, "high": high},
-                   "joint_names": joints, "map_known": bool(getattr(env, "action_map_known", True)),
-                   "moving_average": None if average is None else float(average)},  # fmt: skip
-        "control_period_s": None if period is None else float(period),
-    }
-
-
 def _facts_from_run(state: Mapping[str, Any], source: Path) -> dict[str, Any]:
     """Build the run's env once (one env, in-process) and ask it (`env_deploy_facts`)."""
     from omegaconf import OmegaConf
 
-    from fasttd3_lora.train import ENV_BUILDERS  # the app's registry: task.family -> env builder
-
     family = _get(state, "meta.config.task.family", source)
-    config = state["meta"]["config"]
-    if family not in ENV_BUILDERS:
-        raise ExportError(f"task.family={family}: no env builder to read deploy facts from; allowed {sorted(ENV_BUILDERS)}")
-    small = OmegaConf.create(dict(config))
-    small.algo.num_envs, small.eval_episodes = 1, 1  # one env of each kind is enough to ask
-    env, eval_env = ENV_BUILDERS[family](small)
+    if family not in TASK_FAMILIES:
+        raise ExportError(f"task.family={family}: no env builder to read deploy facts from; allowed {sorted(TASK_FAMILIES)}")
+    config = OmegaConf.create(dict(state["meta"]["config"]))
+    algo_cfg = _algorithm(state, source).config.from_hydra(config)
+    # one env of each kind is enough to ask
+    request = EnvRequest(config.task, 1, algo_cfg.action_repeat, int(config.seed), str(config.device), 1)
+    env, eval_env = make_envs(request)
     try:
         return env_deploy_facts(env)
+    except ValueError as err:
+        raise ExportError(f"{source}: {err}") from None
     finally:
         env.close()
         if eval_env is not env:
@@ -300,18 +242,18 @@ def _get(tree: Mapping[str, Any], dotted: str, source: Path) -> Any:
     return node
 
 
-def _actor_class(state: Mapping[str, Any], source: Path) -> type[nn.Module]:
-    algo = _get(state, "meta.config.algo.name", source)
-    if algo not in ACTOR_OF_ALGO:
-        raise ExportError(f"{source}: algo.name={algo!r} has no exportable actor; allowed {sorted(ACTOR_OF_ALGO)}")
-    return ACTOR_OF_ALGO[algo]
+def _algorithm(state: Mapping[str, Any], source: Path) -> Algorithm:
+    name = _get(state, "meta.config.algo.name", source)
+    if name not in ALGORITHMS:
+        raise ExportError(f"{source}: algo.name={name!r} has no exportable actor; allowed {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
 
 
 def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int, act_dim: int) -> DeployPolicy:
     """The actor and observation normaliser of a loaded checkpoint as a `DeployPolicy` (weights loaded strictly).
 
     ``obs_dim`` / ``act_dim`` are the env's (`env_deploy_facts`); the config gives the actor's width and depth."""
-    actor_cls = _actor_class(state, source)
+    actor_cls = _algorithm(state, source).actor
     actor_state = _get(state, "agent.actor", source)
     rms_state = state["agent"].get("obs_rms")
     hidden = int(_get(state, "meta.config.algo.actor_hidden_dim", source))
@@ -423,7 +365,7 @@ def export_checkpoint(
     checkpoint = _resolve_source(source)
     state = load_checkpoint(checkpoint)
     config = _get(state, "meta.config", checkpoint)
-    _actor_class(state, checkpoint)  # an unexportable algorithm fails before any env is built
+    _algorithm(state, checkpoint)  # an unexportable algorithm fails before any env is built
     counters = state["meta"].get("counters", {})
     facts = state["meta"].get("env") or _facts_from_run(state, checkpoint)
     policy = policy_from_checkpoint(state, checkpoint, facts["observation"]["dim"], facts["action"]["dim"])

@@ -21,17 +21,18 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from omegaconf import DictConfig
 from tensordict import TensorDict
 from torch import Tensor, nn
 
+from fasttd3_lora.algo_config import AlgorithmConfig
 from fasttd3_lora.distributional import categorical_loss, categorical_projection, select_min_target
 from fasttd3_lora.hypersphere import project_
 from fasttd3_lora.networks import (
     CategoricalCritic,
-    CriticSettings,
     DeterministicActor,
     dense_target,
     optimizer_groups,
@@ -58,7 +59,7 @@ GradSync = Callable[[Sequence[nn.Parameter]], None]
 
 
 @dataclasses.dataclass(frozen=True)
-class FastTD3Config(CriticSettings):
+class FastTD3Config(AlgorithmConfig):
     """Every knob of the FastTD3 agent; the values live in `configs/` only (algo/fasttd3, critic/*, scale/*,
     and a task family's `task.fasttd3.*`).
 
@@ -68,21 +69,10 @@ class FastTD3Config(CriticSettings):
     `buffer_size` counts steps per env (the ring of each env), `batch_size` transitions over all envs.
     """
 
-    num_envs: int
-    action_repeat: int
-    updates_per_step: int
-    batch_size: int
-    buffer_size: int
+    name: ClassVar[str] = "fasttd3"
+
     n_step: int
-    learning_starts: int
     gamma: float
-    tau: float
-    lr_init: float
-    lr_final: float
-    num_atoms: int
-    v_min: float
-    v_max: float
-    num_critics: int
     policy_frequency: int
     policy_noise: float
     noise_clip: float
@@ -90,36 +80,16 @@ class FastTD3Config(CriticSettings):
     std_max: float
     std_anneal: bool
     actor_q: str
-    lora_weight_decay: float
-    actor_hidden_dim: int
-    actor_num_blocks: int
-    amp_bf16: bool
     compile_mode: str | None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive_ints = (
-            "num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "n_step", "num_atoms",
-            "policy_frequency", "actor_hidden_dim", "actor_num_blocks",
-        )  # fmt: skip
-        for name in positive_ints:
+        for name in ("n_step", "policy_frequency"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FastTD3Config.{name} must be a positive int, got {value!r}")
-        if self.num_atoms < 2:
-            raise ValueError(f"FastTD3Config.num_atoms must be >= 2, got {self.num_atoms!r}")
-        if self.learning_starts < 0:
-            raise ValueError(f"FastTD3Config.learning_starts must be >= 0, got {self.learning_starts!r}")
         if not 0.0 <= self.gamma < 1.0:
             raise ValueError(f"FastTD3Config.gamma must be in [0, 1), got {self.gamma!r}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"FastTD3Config.tau must be in (0, 1], got {self.tau!r}")
-        if not (self.lr_init > 0 and self.lr_final > 0):
-            raise ValueError(f"FastTD3Config lr_init and lr_final must be > 0, got {self.lr_init!r}, {self.lr_final!r}")
-        if not self.v_min < self.v_max:
-            raise ValueError(f"FastTD3Config needs v_min < v_max, got v_min={self.v_min!r}, v_max={self.v_max!r}")
-        if self.num_critics not in (1, 2):
-            raise ValueError(f"FastTD3Config.num_critics must be 1 or 2 (twin), got {self.num_critics!r}")
         if self.policy_noise < 0 or self.noise_clip < 0:
             raise ValueError(
                 f"FastTD3Config policy_noise and noise_clip must be >= 0, got {self.policy_noise!r}, {self.noise_clip!r}"
@@ -128,8 +98,6 @@ class FastTD3Config(CriticSettings):
             raise ValueError(f"FastTD3Config needs 0 <= std_min <= std_max, got {self.std_min!r}, {self.std_max!r}")
         if self.actor_q not in ACTOR_Q:
             raise ValueError(f"FastTD3Config.actor_q must be one of {ACTOR_Q}, got {self.actor_q!r}")
-        if self.lora_weight_decay < 0:
-            raise ValueError(f"FastTD3Config.lora_weight_decay must be >= 0, got {self.lora_weight_decay!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"FastTD3Config.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.warmup_fraction:
@@ -139,38 +107,17 @@ class FastTD3Config(CriticSettings):
             )
 
     @classmethod
-    def algo_keys(cls) -> tuple[str, ...]:
-        """The fields that come from `cfg.algo` (and may be overridden by `cfg.task.fasttd3`)."""
-        critic = {f.name for f in dataclasses.fields(CriticSettings)}
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in critic)
-
-    @classmethod
-    def from_hydra(cls, cfg: Any) -> "FastTD3Config":
-        """Map `cfg.algo` (name 'fasttd3'), `cfg.critic`, `cfg.scale`; keys under `cfg.task.fasttd3`, when the
-        task has them (the Isaac Lab families do), replace the algo values of the same name."""
-        algo = cfg.algo
-        if algo.name != "fasttd3":
-            raise ValueError(f"FastTD3Config.from_hydra needs algo.name 'fasttd3', got {algo.name!r}")
-        keys = cls.algo_keys()
-        values = {key: algo[key] for key in keys}
-        task = cfg.get("task", None) if hasattr(cfg, "get") else getattr(cfg, "task", None)
-        overrides = None if task is None else task.get("fasttd3", None)
+    def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
+        """`cfg.algo`; keys under `cfg.task.fasttd3`, when the task has them (the Isaac Lab families do), replace
+        the algo values of the same name."""
+        values = super().hydra_values(cfg)
+        overrides = cfg.task.get("fasttd3", None) if "task" in cfg else None
         if overrides:
-            unknown = sorted(set(overrides) - set(keys))
+            unknown = sorted(set(overrides) - set(values))
             if unknown:
-                raise ValueError(f"task.fasttd3 has unknown keys {unknown}; allowed: {list(keys)}")
+                raise ValueError(f"task.fasttd3 has unknown keys {unknown}; allowed: {list(values)}")
             values.update({key: overrides[key] for key in overrides})
-        casts = {f.name: f.type for f in dataclasses.fields(cls)}
-        typed = {key: _cast(casts[key], value) for key, value in values.items()}
-        return cls(**typed, **CriticSettings.hydra_fields(cfg))
-
-
-def _cast(annotation: str, value: Any) -> Any:
-    """Plain Python values from OmegaConf nodes, by the field's annotation ('int', 'float', 'str | None', ...)."""
-    if value is None:
-        return None
-    base = annotation.split("|")[0].strip()
-    return {"int": int, "float": float, "bool": bool, "str": str}[base](value)
+        return values
 
 
 # ------------------------------------------------------------------------------------------- pure math

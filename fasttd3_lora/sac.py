@@ -16,13 +16,16 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tensordict import TensorDict
 from torch import Tensor, nn
+from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
+from fasttd3_lora.algo_config import AlgorithmConfig
+from fasttd3_lora.checks import ConfigError, boolean, get, int_in, number_in, positive
 from fasttd3_lora.distributional import (
     categorical_loss,
     categorical_projection,
@@ -31,7 +34,6 @@ from fasttd3_lora.distributional import (
 from fasttd3_lora.hypersphere import project_
 from fasttd3_lora.networks import (
     CategoricalCritic,
-    CriticSettings,
     TanhGaussianActor,
     convert_blocks_to_lora_,
     dense_target,
@@ -62,99 +64,47 @@ def discount_from_horizon(max_episode_steps: int, action_repeat: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class SACConfig(CriticSettings):
+class SACConfig(AlgorithmConfig):
     """Every knob of the SAC agent; the values live in `configs/` (algo/sac, critic/*, scale/*) only.
 
-    The critic fields (`critic.*`, `scale.*`) come from `CriticSettings`; the rest are the `algo.*` keys verbatim.
-    `discount=None` means "derive it from the task's horizon" (`from_hydra` does that when told the episode
-    length; the agent itself needs a number).
+    The shared fields come from `AlgorithmConfig`, the critic's from `CriticSettings`; these are SAC's own.
+    `discount=None` means "derive it from the task's horizon" (`from_hydra` does, from `task.max_episode_steps`;
+    the agent itself needs a number).
     """
 
-    num_envs: int
-    action_repeat: int
-    updates_per_step: int
-    batch_size: int
-    buffer_size: int
-    learning_starts: int
-    lr_init: float
-    lr_final: float
-    tau: float
+    name: ClassVar[str] = "sac"
+
     temperature_init: float
     target_entropy_per_action_dim: float
     discount: float | None
-    num_atoms: int
-    v_min: float
-    v_max: float
-    num_critics: int
-    lora_weight_decay: float
-    actor_hidden_dim: int
-    actor_num_blocks: int
-    amp_bf16: bool
     compile: bool
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        positive_ints = (
-            "num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
-            "actor_hidden_dim", "actor_num_blocks",
-        )  # fmt: skip
-        for name in positive_ints:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SACConfig.{name} must be a positive int, got {value!r}")
-        if self.learning_starts < 0:
-            raise ValueError(f"SACConfig.learning_starts must be >= 0, got {self.learning_starts!r}")
-        if self.num_critics not in (1, 2):
-            raise ValueError(f"SACConfig.num_critics must be 1 (single) or 2 (clipped double Q), got {self.num_critics!r}")
-        if not (self.lr_init > 0 and self.lr_final > 0):
-            raise ValueError(f"SACConfig lr_init and lr_final must be > 0, got {self.lr_init!r}, {self.lr_final!r}")
-        if not 0.0 < self.tau <= 1.0:
-            raise ValueError(f"SACConfig.tau must be in (0, 1], got {self.tau!r}")
         if not self.temperature_init > 0:
             raise ValueError(f"SACConfig.temperature_init must be > 0, got {self.temperature_init!r}")
         if self.discount is not None and not 0.0 <= self.discount < 1.0:
             raise ValueError(f"SACConfig.discount must be None or in [0, 1), got {self.discount!r}")
-        if not self.v_min < self.v_max:
-            raise ValueError(f"SACConfig needs v_min < v_max, got v_min={self.v_min!r}, v_max={self.v_max!r}")
-        if self.lora_weight_decay < 0:
-            raise ValueError(f"SACConfig.lora_weight_decay must be >= 0, got {self.lora_weight_decay!r}")
 
     @classmethod
-    def from_hydra(cls, cfg: Any, max_episode_steps: int | None = None) -> "SACConfig":
-        """Map the Hydra groups `cfg.algo`, `cfg.critic`, `cfg.scale`; a null `algo.discount` is derived with
-        `discount_from_horizon(max_episode_steps, algo.action_repeat)`."""
-        algo = cfg.algo
-        if algo.name != "sac":
-            raise ValueError(f"SACConfig.from_hydra needs algo.name 'sac', got {algo.name!r}")
-        discount = algo.discount
-        if discount is None:
-            if max_episode_steps is None:
-                raise ValueError("algo.discount is null: pass max_episode_steps to derive it (DESIGN §5)")
-            discount = discount_from_horizon(max_episode_steps, int(algo.action_repeat))
-        return cls(
-            num_envs=int(algo.num_envs),
-            action_repeat=int(algo.action_repeat),
-            updates_per_step=int(algo.updates_per_step),
-            batch_size=int(algo.batch_size),
-            buffer_size=int(algo.buffer_size),
-            learning_starts=int(algo.learning_starts),
-            lr_init=float(algo.lr_init),
-            lr_final=float(algo.lr_final),
-            tau=float(algo.tau),
-            temperature_init=float(algo.temperature_init),
-            target_entropy_per_action_dim=float(algo.target_entropy_per_action_dim),
-            discount=float(discount),
-            num_atoms=int(algo.num_atoms),
-            v_min=float(algo.v_min),
-            v_max=float(algo.v_max),
-            num_critics=int(algo.num_critics),
-            lora_weight_decay=float(algo.lora_weight_decay),
-            actor_hidden_dim=int(algo.actor_hidden_dim),
-            actor_num_blocks=int(algo.actor_num_blocks),
-            amp_bf16=bool(algo.amp_bf16),
-            compile=bool(algo.compile),
-            **CriticSettings.hydra_fields(cfg),
-        )
+    def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
+        """`cfg.algo`, with a null `algo.discount` derived from the task's horizon (DESIGN §5)."""
+        values = super().hydra_values(cfg)
+        if values["discount"] is None:
+            values["discount"] = discount_from_horizon(int(cfg.task.max_episode_steps), int(values["action_repeat"]))
+        return values
+
+    @classmethod
+    def check_hydra(cls, cfg: DictConfig) -> "SACConfig":
+        batch, buffer = int_in(cfg, "algo.batch_size", 1), int_in(cfg, "algo.buffer_size", 1)
+        if batch > buffer:  # SAC's buffer counts transitions; FastTD3's counts steps per env
+            raise ConfigError(f"algo.batch_size={batch}: allowed at most algo.buffer_size ({buffer})")
+        positive(cfg, "algo.temperature_init")
+        number_in(cfg, "algo.target_entropy_per_action_dim", -math.inf, math.inf, lo_open=True, hi_open=True)
+        if get(cfg, "algo.discount") is not None:
+            number_in(cfg, "algo.discount", 0.0, 1.0, lo_open=False, hi_open=True)
+        boolean(cfg, "algo.compile")
+        return super().check_hydra(cfg)
 
 
 def linear_lr_factor(step: int, total: int, lr_init: float, lr_final: float) -> float:

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
+from fasttd3_lora.algorithms import ALGORITHMS
+from fasttd3_lora.envs import TASK_FAMILIES
 from fasttd3_lora.config import (
-    ALGORITHMS,
     CONFIG_MODULE,
-    TASK_FAMILIES,
     ConfigError,
     check_overrides,
     check_resume_compatible,

@@ -43,6 +43,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     import isaaclab_standin as standin
 
     from fasttd3_lora.config import compose_config
+    from fasttd3_lora.runner import train
     from fasttd3_lora.loops import fasttd3 as loop
     from fasttd3_lora.tasks import isaaclab
 
@@ -53,15 +54,15 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         return isaaclab.IsaacLabEnv(standin.make_standin(num_envs, 3, seed=seed, final_obs=True), task="standin")
 
     captured = {}
-    build = loop.build_fasttd3
+    build = loop.build
 
     def capturing_build(*args, **kwargs):
         captured["agent"], captured["replay"] = build(*args, **kwargs)
         return captured["agent"], captured["replay"]
 
     isaaclab.make_isaaclab_env = factory
-    loop.build_fasttd3 = capturing_build
-    counters = loop.train_fasttd3(compose_config(OVERRIDES), Path(out) / "run", OVERRIDES)
+    loop.build = capturing_build
+    counters = train(compose_config(OVERRIDES), Path(out) / "run", OVERRIDES)
     agent = captured["agent"]
     torch.save({
         "seeds": seeds,

@@ -30,7 +30,6 @@ from fasttd3_lora.export import (  # noqa: E402
     METADATA_KEYS,
     DeployPolicy,
     ExportError,
-    env_deploy_facts,
     export_checkpoint,
     main,
     read_metadata,
@@ -40,7 +39,10 @@ from fasttd3_lora.export import (  # noqa: E402
 from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor  # noqa: E402
 from fasttd3_lora.normalization import RunningMeanStd  # noqa: E402
 from fasttd3_lora.tasks.dmc import DMCEnv  # noqa: E402
-from fasttd3_lora.train import Counters, build_sac, checkpoint_state, evaluate  # noqa: E402
+from fasttd3_lora.envs import env_deploy_facts  # noqa: E402
+from fasttd3_lora.loops import sac as sac_loop  # noqa: E402
+from fasttd3_lora.loops.kit import Counters, checkpoint_state, evaluate  # noqa: E402
+from fasttd3_lora.sac import SACConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "dmc/cartpole-balance"
@@ -79,7 +81,7 @@ def _sac_agent(run_dir: Path):
     cfg = OmegaConf.create(state["meta"]["config"])
     env = DMCEnv(TASK, 1, action_repeat=cfg.algo.action_repeat, max_episode_steps=cfg.task.max_episode_steps)
     obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
-    agent, _ = build_sac(cfg, obs_dim, act_dim, 100, torch.device("cpu"), torch.Generator().manual_seed(0))
+    agent, _ = sac_loop.build(SACConfig.from_hydra(cfg), obs_dim, act_dim, 100, torch.device("cpu"), torch.Generator().manual_seed(0))
     agent.load_state_dict(state["agent"])
     return agent, env, state
 
@@ -206,7 +208,7 @@ def test_sac_checkpoints_of_dense_and_sparse_runs_export(tmp_path, critic):
                  "algo.actor_hidden_dim=16", "seed=3"]  # fmt: skip
     cfg = compose_config(overrides)
     generator = torch.Generator().manual_seed(3)
-    agent, replay = build_sac(cfg, 5, 1, 100, torch.device("cpu"), generator)
+    agent, replay = sac_loop.build(SACConfig.from_hydra(cfg), 5, 1, 100, torch.device("cpu"), generator)
     agent.obs_rms.update(torch.randn(64, 5) * 2 + 1)
     state = checkpoint_state(OmegaConf.to_container(cfg, resolve=True), overrides, Counters(env_step=40, agent_step=20),
                              agent, None, generator)  # fmt: skip
@@ -280,10 +282,10 @@ def test_env_deploy_facts_validates_what_the_env_says():
     assert facts["observation"]["layout"] == [{"name": "p", "shape": [2, 2], "start": 0, "size": 4}]
     assert facts["control_period_s"] is None
     env.joint_names = ["a"]
-    with pytest.raises(ExportError, match="1 joints for 2 action dimensions"):
+    with pytest.raises(ValueError, match="1 joints for 2 action dimensions"):
         env_deploy_facts(env)
     env.joint_names, env.observation_layout = None, lambda: [("p", (3,))]
-    with pytest.raises(ExportError, match="covers 3 values, observations have 4"):
+    with pytest.raises(ValueError, match="covers 3 values, observations have 4"):
         env_deploy_facts(env)
     env.observation_layout = lambda: None  # an env without an observation manager
     assert env_deploy_facts(env)["observation"]["layout"] is None

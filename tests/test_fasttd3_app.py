@@ -18,7 +18,7 @@ from fasttd3_lora.export import export_checkpoint
 from fasttd3_lora.loops import fasttd3 as loop
 from fasttd3_lora.tasks import isaaclab
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
-from fasttd3_lora.train import train
+from fasttd3_lora.runner import train
 
 import isaaclab_standin as standin
 from tiny_runs import SMALL_NETS, Crash, crash_at
@@ -162,7 +162,7 @@ def _spy_loop(monkeypatch: pytest.MonkeyPatch, factory: StandInFactory) -> dict:
     """Capture the agent, the masks handed to on_episode_end and every step written to the buffer; tell the
     factory when the app evaluates."""
     seen: dict = {"masks": [], "added": []}
-    build, evaluate = loop.build_fasttd3, loop.evaluate
+    build, evaluate = loop.build, loop.evaluate
 
     def spying_build(*args, **kwargs):
         agent, replay = build(*args, **kwargs)
@@ -179,7 +179,7 @@ def _spy_loop(monkeypatch: pytest.MonkeyPatch, factory: StandInFactory) -> dict:
         finally:
             factory.evaluating = False
 
-    monkeypatch.setattr(loop, "build_fasttd3", spying_build)
+    monkeypatch.setattr(loop, "build", spying_build)
     monkeypatch.setattr(loop, "evaluate", flagged_evaluate)
     return seen
 
@@ -222,7 +222,7 @@ def test_isaaclab_without_isaac_lab_is_one_line_and_exit_2(tmp_path) -> None:
 
 
 def test_sac_on_isaaclab_is_refused_in_one_line(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"^task.family='isaaclab': SAC runs dmc tasks only"):
+    with pytest.raises(ValueError, match=r"^task.family='isaaclab': sac runs dmc tasks only; algorithms for isaaclab: fasttd3"):
         train(compose_config(["task=Isaac-Velocity-Flat-H1-v0", "algo=sac"]), tmp_path)
 
 

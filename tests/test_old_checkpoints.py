@@ -13,7 +13,8 @@ import torch
 from fasttd3_lora.checkpoint import load_checkpoint
 from fasttd3_lora.config import compose_config
 from fasttd3_lora.export import export_checkpoint
-from fasttd3_lora.train import prepare_command_line, train
+from fasttd3_lora.runner import train
+from fasttd3_lora.train import prepare_command_line
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pre_registry"
 

@@ -18,7 +18,8 @@ from fasttd3_lora.report import main as report_main
 from fasttd3_lora.report import write_report
 from fasttd3_lora.run_status import read_status, recording_outcome, write_status
 from fasttd3_lora.sac import SAC
-from fasttd3_lora.train import NonFiniteError, train
+from fasttd3_lora.loops.kit import NonFiniteError
+from fasttd3_lora.runner import train
 from tiny_runs import Crash, crash_at
 
 # tests/test_train.py's tiny run: 150 agent steps of a 32-wide critic on cartpole-balance, evals every 100 env steps.

@@ -24,7 +24,10 @@ from fasttd3_lora import train as train_mod
 from fasttd3_lora.checkpoint import load_checkpoint, save_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config
 from fasttd3_lora.run_logging import MetricsCSV, Progress, RunLogger
-from fasttd3_lora.train import Counters, NonFiniteError, advance, crossed, prepare_command_line, train
+from fasttd3_lora.loops import kit
+from fasttd3_lora.loops.kit import Counters, NonFiniteError, advance, crossed
+from fasttd3_lora.runner import train
+from fasttd3_lora.train import prepare_command_line
 from tiny_runs import Crash, crash_after_log, crash_at
 
 # 25 agent steps per episode (50 control steps, action repeat 2); 150 agent steps in all, updates after 50.
@@ -182,7 +185,7 @@ def test_nan_guard_stops_with_the_quantity_and_step_and_keeps_a_finite_checkpoin
     assert f"last finite checkpoint {run_dir / 'checkpoints' / 'latest.pt'} (env_step 100)" in message
     latest = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert latest["meta"]["counters"]["env_step"] == 100
-    assert train_mod.find_nonfinite(latest["agent"]) is None
+    assert kit.find_nonfinite(latest["agent"]) is None
     nonfinite = load_checkpoint(run_dir / "checkpoints" / "nonfinite.pt")
     assert nonfinite["meta"]["counters"]["env_step"] == 108
 
@@ -193,7 +196,7 @@ def test_a_non_finite_parameter_refuses_the_checkpoint() -> None:
             return {"critic": {"blocks.0.w": torch.tensor([1.0, float("inf")])}}
 
     with pytest.raises(NonFiniteError, match=r"^non-finite agent state critic\.blocks\.0\.w at env_step 7$"):
-        train_mod.checkpoint_state({}, [], train_mod.Counters(env_step=7), Agent(), None, torch.Generator())
+        kit.checkpoint_state({}, [], Counters(env_step=7), Agent(), None, torch.Generator())
 
 
 def test_crossed_marks_each_multiple_once() -> None:

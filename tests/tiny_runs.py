@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fasttd3_lora.run_logging import RunLogger
-from fasttd3_lora.train import UpdateMetrics
+from fasttd3_lora.loops.kit import UpdateMetrics
 
 # Networks small enough that a whole FastTD3 / SAC run takes seconds on one CPU thread.
 SMALL_NETS = [

@@ -1,0 +1,122 @@
+"""The config dataclass every algorithm derives from: its fields are the keys of `configs/algo/<name>.yaml` plus
+the critic's (`CriticSettings`), built once from the composed Hydra config and handed to the loop.
+
+A subclass declares `name` (its `algo.name`) and its fields; `from_hydra` maps `cfg.algo` onto them by field
+name and type (no hand-written list), `hydra_values` is the hook for what a family or the task adds, and
+`check_hydra` states the user-facing ranges as one-line `ConfigError`s (`algo.tau=0: allowed a number in (0.0,
+1.0]`) before building the config, whose own `__post_init__` guards programmatic use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from omegaconf import DictConfig
+
+from fasttd3_lora.checks import ConfigError, boolean, choice, int_in, number_in, positive
+from fasttd3_lora.networks import CriticSettings
+
+__all__ = ["AlgorithmConfig"]
+
+_INF = float("inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig(CriticSettings):
+    """Base of `SACConfig`, `FastTD3Config`, ...: the fields every recipe here shares."""
+
+    name: ClassVar[str]
+
+    num_envs: int
+    action_repeat: int
+    updates_per_step: int
+    batch_size: int
+    buffer_size: int
+    learning_starts: int
+    lr_init: float
+    lr_final: float
+    tau: float
+    num_atoms: int
+    v_min: float
+    v_max: float
+    num_critics: int
+    lora_weight_decay: float
+    actor_hidden_dim: int
+    actor_num_blocks: int
+    amp_bf16: bool
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        positive_ints = ("num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
+                         "actor_hidden_dim", "actor_num_blocks")  # fmt: skip
+        for field in positive_ints:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+        if self.num_atoms < 2:
+            raise ValueError(f"{name}.num_atoms must be >= 2, got {self.num_atoms!r}")
+        if self.learning_starts < 0:
+            raise ValueError(f"{name}.learning_starts must be >= 0, got {self.learning_starts!r}")
+        if not (self.lr_init > 0 and self.lr_final > 0):
+            raise ValueError(f"{name} lr_init and lr_final must be > 0, got {self.lr_init!r}, {self.lr_final!r}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"{name}.tau must be in (0, 1], got {self.tau!r}")
+        if not self.v_min < self.v_max:
+            raise ValueError(f"{name} needs v_min < v_max, got v_min={self.v_min!r}, v_max={self.v_max!r}")
+        if self.num_critics not in (1, 2):
+            raise ValueError(f"{name}.num_critics must be 1 (single) or 2 (twin, clipped double Q), got "
+                             f"{self.num_critics!r}")  # fmt: skip
+        if self.lora_weight_decay < 0:
+            raise ValueError(f"{name}.lora_weight_decay must be >= 0, got {self.lora_weight_decay!r}")
+
+    @classmethod
+    def algo_keys(cls) -> tuple[str, ...]:
+        """The fields that come from `cfg.algo` (the rest are the critic's)."""
+        critic = {f.name for f in dataclasses.fields(CriticSettings)}
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in critic)
+
+    @classmethod
+    def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
+        """The raw value of every algo field: `cfg.algo.<field>`; subclasses add or replace some."""
+        return {key: cfg.algo[key] for key in cls.algo_keys()}
+
+    @classmethod
+    def from_hydra(cls, cfg: DictConfig) -> "AlgorithmConfig":
+        """This algorithm's config from a composed config (`algo.name` must be `cls.name`)."""
+        if cfg.algo.name != cls.name:
+            raise ValueError(f"{cls.__name__}.from_hydra needs algo.name {cls.name!r}, got {cfg.algo.name!r}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        typed = {key: _cast(types[key], value) for key, value in cls.hydra_values(cfg).items()}
+        return cls(**typed, **CriticSettings.hydra_fields(cfg))
+
+    @classmethod
+    def check_hydra(cls, cfg: DictConfig) -> "AlgorithmConfig":
+        """Check the algo keys of a composed config in one line each (`ConfigError`), then build the config."""
+        for key in ("num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
+                    "actor_hidden_dim", "actor_num_blocks"):  # fmt: skip
+            int_in(cfg, f"algo.{key}", 2 if key == "num_atoms" else 1)
+        int_in(cfg, "algo.learning_starts", 0)
+        positive(cfg, "algo.lr_init")
+        positive(cfg, "algo.lr_final")
+        number_in(cfg, "algo.tau", 0.0, 1.0, lo_open=True, hi_open=False)
+        v_min = number_in(cfg, "algo.v_min", -_INF, _INF, lo_open=True, hi_open=True)
+        v_max = number_in(cfg, "algo.v_max", -_INF, _INF, lo_open=True, hi_open=True)
+        if not v_min < v_max:
+            raise ConfigError(f"algo.v_max={v_max!r}: allowed a number > algo.v_min ({v_min!r})")
+        choice(cfg, "algo.num_critics", (1, 2))
+        number_in(cfg, "algo.lora_weight_decay", 0.0, _INF, lo_open=False, hi_open=True)
+        boolean(cfg, "algo.amp_bf16")
+        try:
+            return cls.from_hydra(cfg)
+        except ValueError as err:  # what only the built config can tell (a family's values, field relations)
+            raise ConfigError(str(err)) from None
+
+
+def _cast(annotation: str, value: Any) -> Any:
+    """Plain Python values from OmegaConf nodes, by the field's annotation ('int', 'float', 'str | None', ...)."""
+    if value is None:
+        return None
+    base = annotation.split("|")[0].strip()
+    return {"int": int, "float": float, "bool": bool, "str": str}[base](value)

@@ -1,0 +1,64 @@
+"""The algorithm registry: one entry per `algo.name`, the only place that lists them (docs/architecture.md).
+
+An entry names the algorithm's config dataclass (built once from the composed Hydra config and handed to the
+loop), the task families it runs on, the actor class that export rebuilds from a checkpoint, and the module of
+its training loop. That module is imported when a run starts, not here: a loop uses the app's shared pieces
+(config checks, the loop kit), which in turn look algorithms up here, and a bad command line is refused before
+any loop (or simulator) loads. A loop module defines
+
+    run(cfg, algo_cfg, run_dir, overrides) -> Counters     one run, or its resumption (`fasttd3_lora.loops.kit`)
+
+Adding an algorithm: its module (agent + config + loop), `configs/algo/<name>.yaml`, and one line below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from fasttd3_lora.algo_config import AlgorithmConfig
+from fasttd3_lora.fasttd3 import FastTD3Config
+from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor
+from fasttd3_lora.sac import SACConfig
+
+__all__ = ["Algorithm", "ALGORITHMS", "algorithm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """What the app, the loop dispatch and export need to know of one algorithm."""
+
+    config: type[AlgorithmConfig]
+    actor: type[nn.Module]  # the deterministic policy export rebuilds from `agent.actor` in a checkpoint
+    families: tuple[str, ...]  # the task families (`task.family`) it runs on
+    loop_module: str  # defines run(cfg, algo_cfg, run_dir, overrides)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def run(self) -> Callable[..., Any]:
+        """The training loop (its module imported now)."""
+        return importlib.import_module(self.loop_module).run
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    entry.name: entry
+    for entry in (
+        Algorithm(SACConfig, TanhGaussianActor, ("dmc",), "fasttd3_lora.loops.sac"),
+        Algorithm(FastTD3Config, DeterministicActor, ("dmc", "isaaclab"), "fasttd3_lora.loops.fasttd3"),
+    )
+}
+
+
+def algorithm(name: str) -> Algorithm:
+    """The registry entry of `algo.name`; an unknown name raises KeyError naming the known ones."""
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise KeyError(f"algo.name={name!r}: allowed one of {', '.join(ALGORITHMS)}") from None

@@ -1,0 +1,145 @@
+"""The env families a run can train on: building the training and evaluation envs of a run, and what an env
+says about its interface for deployment (DESIGN §7, §8).
+
+`make_envs(EnvRequest(...))` dispatches on `task.family` (`ENV_BUILDERS`): `dmc` is the vectorised DeepMind
+Control env (`fasttd3_lora.tasks.dmc`), `isaaclab` Isaac Lab (`fasttd3_lora.tasks.isaaclab`, imported only when
+a run needs it). A request carries every value a builder reads, taken from the run's algorithm config once, so
+nothing is written back into the Hydra config. `env_deploy_facts(env)` is what checkpoints record for export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fasttd3_lora.checks import ConfigError
+
+if TYPE_CHECKING:
+    from torchrl.envs import EnvBase
+
+    from fasttd3_lora.tasks.dmc import DMCEnv
+    from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
+
+__all__ = ["EnvRequest", "ENV_BUILDERS", "TASK_FAMILIES", "make_envs", "env_deploy_facts"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvRequest:
+    """The envs one run (or one rank of it) steps."""
+
+    task: Any  # the composed `task` group: name, family, max_episode_steps (dmc), physics and headless (isaaclab)
+    num_envs: int  # training envs
+    action_repeat: int
+    seed: int
+    device: str
+    eval_envs: int  # one per evaluation episode (DMC: separate envs; Isaac Lab evaluates on the training env)
+
+
+def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
+    """The training envs and the evaluation envs (one per eval episode, DESIGN §5)."""
+    # Each env family is imported by its builder: a run loads only its own simulator, and a bad command line
+    # is refused before any simulator loads. Training never renders: without MUJOCO_GL, importing dm_control
+    # probes GLFW/EGL and warns on machines without a display (a user's own MUJOCO_GL wins).
+    os.environ.setdefault("MUJOCO_GL", "disabled")
+    from fasttd3_lora.tasks.dmc import DMCEnv
+
+    def envs(num_envs: int, num_workers: int | None) -> DMCEnv:
+        return DMCEnv(request.task.name, num_envs, action_repeat=request.action_repeat, seed=request.seed,
+                      max_episode_steps=request.task.max_episode_steps, num_workers=num_workers)  # fmt: skip
+
+    # Evaluation steps its envs in this process: worker processes would compete with torch's threads for the
+    # same cores (on a busy 2-core machine an eval step took 16 ms in-process vs 24 ms with workers, 260-320 ms
+    # with 2 torch threads either way), and ten DMC envs cost little next to the actor.
+    return envs(request.num_envs, None), envs(request.eval_envs, 0)
+
+
+def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
+    """The Isaac Lab env, twice: Isaac Lab allows one env per process (its simulation context is a singleton),
+    so evaluation runs on the training env (the loop restarts the training episodes after it)."""
+    from fasttd3_lora.tasks import isaaclab  # looked up at call time: tests swap in a stand-in factory
+
+    task = request.task
+    try:
+        env = isaaclab.make_isaaclab_env(task.name, request.num_envs, request.seed, request.device, task.physics,
+                                         task.headless)  # fmt: skip
+    except isaaclab.IsaacLabUnavailable as err:
+        raise ConfigError(str(err)) from None  # one line, exit 2
+    return env, env
+
+
+# task.family -> (training envs, evaluation envs)
+ENV_BUILDERS: dict[str, Callable[[EnvRequest], tuple[EnvBase, EnvBase]]] = {
+    "dmc": make_dmc_envs,
+    "isaaclab": make_isaaclab_envs,
+}
+TASK_FAMILIES = tuple(ENV_BUILDERS)
+
+
+def make_envs(request: EnvRequest) -> tuple[EnvBase, EnvBase]:
+    """The training and evaluation envs of `request.task.family` (the same object where a family has one)."""
+    return ENV_BUILDERS[request.task.family](request)
+
+
+# ----------------------------------------------------------------------------------------- deploy facts
+
+
+def _floats(x: Any) -> list[float]:
+    return torch.as_tensor(x).detach().to("cpu", torch.float64).reshape(-1).tolist()
+
+
+def _maybe_call(value: Any) -> Any:
+    return value() if callable(value) else value
+
+
+def env_deploy_facts(env: Any) -> dict[str, Any]:
+    """What an env says about its interface, as plain containers (the ``observation``/``action`` parts of
+    deploy.yaml and ``control_period_s``).
+
+    Read where the env exposes them (`fasttd3_lora.tasks.dmc.DMCEnv` and `fasttd3_lora.tasks.isaaclab.IsaacLabEnv`
+    do): ``observation_layout()`` (``[(key, shape)]`` in flattening order, or None),
+    ``observation_spec["observation"]``, ``action_spec`` (its bounds are the clip range; the policy's
+    ``actions`` are mapped with ``action_offset + action_scale * clip(actions)``), ``action_scale`` /
+    ``action_offset`` (default 1 / 0; ``action_map_known`` False when the env could not read its own map),
+    ``action_moving_average`` (Isaac Lab's in-hand tasks smooth joint targets: ``m * command + (1 - m) *
+    previous``), ``joint_names`` (attribute or method; one name per action dimension, in the trained order),
+    ``control_period`` (seconds per policy step). Missing facts are ``None``.
+    """
+    terms = env.observation_layout() if callable(getattr(env, "observation_layout", None)) else None
+    layout = None
+    if terms is not None:
+        layout, start = [], 0
+        for name, shape in terms:
+            size = math.prod(shape)
+            layout.append({"name": str(name), "shape": [int(d) for d in shape], "start": start, "size": size})
+            start += size
+    obs_dim = int(env.observation_spec["observation"].shape[-1])
+    if layout is not None and sum(e["size"] for e in layout) != obs_dim:
+        raise ValueError(f"observation_layout() covers {sum(e['size'] for e in layout)} values, observations have {obs_dim}")
+    spec = env.action_spec
+    act_dim = int(spec.shape[-1])
+    space = getattr(spec, "space", None)
+    low = _floats(space.low.reshape(-1, act_dim)[0]) if space is not None else [-1.0] * act_dim
+    high = _floats(space.high.reshape(-1, act_dim)[0]) if space is not None else [1.0] * act_dim
+    scale = getattr(env, "action_scale", None)
+    offset = getattr(env, "action_offset", None)
+    scale = [1.0] * act_dim if scale is None else _floats(torch.as_tensor(scale).expand(act_dim))
+    offset = [0.0] * act_dim if offset is None else _floats(torch.as_tensor(offset).expand(act_dim))
+    joints = _maybe_call(getattr(env, "joint_names", None))
+    if joints is not None:
+        joints = [str(j) for j in joints]
+        if len(joints) != act_dim:
+            raise ValueError(f"env names {len(joints)} joints for {act_dim} action dimensions")
+    period = _maybe_call(getattr(env, "control_period", None))
+    average = getattr(env, "action_moving_average", None)
+    return {
+        "observation": {"dim": obs_dim, "layout": layout},
+        "action": {"dim": act_dim, "scale": scale, "offset": offset, "clip": {"low": low, "high": high},
+                   "joint_names": joints, "map_known": bool(getattr(env, "action_map_known", True)),
+                   "moving_average": None if average is None else float(average)},  # fmt: skip
+        "control_period_s": None if period is None else float(period),
+    }

@@ -1,0 +1,369 @@
+"""The loop kit: what every training loop shares (`fasttd3_lora.loops.sac`, `fasttd3_lora.loops.fasttd3`).
+
+* step counting and the run's events (`Counters`, `advance`: evaluation, checkpoint, end),
+* episode seeds and starts, deterministic evaluation (`evaluate`),
+* update metrics and the non-finite guard (`UpdateMetrics`, `reported_stops`),
+* the run directory (`RunRecord`: config.yaml, metrics.csv / TensorBoard / wandb, the progress display, wall
+  time, checkpoints) and resuming from a checkpoint (`load_resume`, `restore`).
+
+Exact resume. The envs' simulator state is not saved: instead every checkpoint ends all training episodes (the
+last transition is stored as a time-out, which bootstraps) and the next ones start from `reset` with seeds
+derived from (seed, env_step). An uninterrupted run does the same at the same steps, so a run resumed from a
+checkpoint continues bit-identically (on the same device and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDict
+from torch import Tensor
+
+from fasttd3_lora.checkpoint import (
+    CHECKPOINT_DIR,
+    LATEST,
+    atomic_write,
+    capture_rng,
+    copy_checkpoint,
+    find_nonfinite,
+    load_checkpoint,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from fasttd3_lora.config import check_resume_compatible
+from fasttd3_lora.run_logging import Progress, RunLogger
+
+if TYPE_CHECKING:
+    from torchrl.envs import EnvBase
+
+    from fasttd3_lora.replay import NStepReplayBuffer, ReplayBuffer
+
+__all__ = [
+    "NonFiniteError",
+    "Agent",
+    "Counters",
+    "StepEvents",
+    "episode_seed",
+    "crossed",
+    "advance",
+    "seed_everything",
+    "start_episodes",
+    "evaluate",
+    "UpdateMetrics",
+    "checkpoint_state",
+    "StopGuard",
+    "reported_stops",
+    "load_resume",
+    "restore",
+    "RunRecord",
+]
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, a Q value or a parameter became NaN or infinite; the message names it and the step."""
+
+
+class Agent(Protocol):
+    """What the loop kit needs of an agent (`fasttd3_lora.sac.SAC`, `fasttd3_lora.fasttd3.FastTD3`)."""
+
+    num_updates: int
+
+    def act(self, obs: Tensor, deterministic: bool = False) -> Tensor: ...
+    def record(self, obs: Tensor, reward: Tensor, done: Tensor) -> None: ...
+    def update(self, batch: TensorDict) -> dict[str, Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+@dataclasses.dataclass
+class Counters:
+    """Progress of a run; saved in every checkpoint (plain numbers, so weights_only loads them)."""
+
+    env_step: int = 0
+    agent_step: int = 0
+    wall_time: float = 0.0  # seconds of training so far, over all resumes
+    last_eval_return: float | None = None
+
+
+def episode_seed(seed: int, env_step: int, stream: int) -> int:
+    """Seed for the episodes that start at `env_step` (stream 0: training envs, 1: evaluation envs)."""
+    return int(np.random.SeedSequence([seed, stream, env_step]).generate_state(1)[0]) % 2**31
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return after // every > before // every
+
+
+class StepEvents(NamedTuple):
+    """What the agent step that just ended asks of a training loop."""
+
+    end: bool  # total_env_steps reached
+    evaluation: bool  # an eval_every boundary crossed (or the end)
+    checkpoint: bool  # a checkpoint_every boundary crossed, an evaluation that keeps its checkpoint, or the end
+
+
+def advance(counters: Counters, env_steps: int, cfg: DictConfig) -> StepEvents:
+    """Count one agent step of `env_steps` simulator steps and say which of the run's events fall in it."""
+    before = counters.env_step
+    counters.env_step += env_steps
+    counters.agent_step += 1
+    end = counters.env_step >= cfg.total_env_steps
+    evaluation = crossed(before, counters.env_step, cfg.eval_every) or end
+    checkpoint = crossed(before, counters.env_step, cfg.checkpoint_every) or (evaluation and cfg.keep_eval_checkpoints)
+    return StepEvents(end, evaluation, checkpoint or end)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
+    """Reset every env from the seed of this step; returns the reset TensorDict (first observations)."""
+    env.set_seed(episode_seed(seed, env_step, stream=0))
+    return env.reset()
+
+
+@torch.no_grad()
+def evaluate(agent: Agent, env: EnvBase, seed: int) -> tuple[float, float]:
+    """One deterministic episode per eval env (DESIGN §5: 10); mean and std of the returns."""
+    env.set_seed(seed)
+    td = env.reset()
+    returns = torch.zeros(env.batch_size, device=env.device)  # on the env's device: Isaac Lab's rewards are CUDA
+    running = torch.ones(env.batch_size, dtype=torch.bool, device=env.device)
+    while bool(running.any()):
+        td.set("action", agent.act(td["observation"], deterministic=True).to(env.device))
+        td, next_td = env.step_and_maybe_reset(td)
+        returns += td["next", "reward"][:, 0] * running
+        running &= ~td["next", "done"][:, 0]
+        td = next_td
+    return returns.mean().item(), returns.std(correction=0).item()
+
+
+class UpdateMetrics:
+    """Running sums of the agents' update metrics between log rows; the non-finite guard for losses and Q."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, updates: list[dict[str, Tensor]], env_step: int, num_updates: int) -> None:
+        self.keys = list(updates[0])
+        ref = updates[0][self.keys[0]]
+        values = torch.stack([torch.stack([m[k].to(ref.device, torch.float32) for k in self.keys]) for m in updates])
+        if not bool(torch.isfinite(values).all()):  # one host sync per agent step
+            u, k = (~torch.isfinite(values)).nonzero()[0].tolist()
+            update = num_updates - len(updates) + u + 1
+            raise NonFiniteError(f"non-finite {self.keys[k]} ({values[u, k].item()}) at env_step {env_step} (update {update})")
+        step_total = values.sum(0)
+        self.total = step_total if self.total is None else self.total + step_total
+        self.count += len(updates)
+
+    def pop_means(self) -> dict[str, float]:
+        if self.total is None:
+            return {}
+        means = dict(zip(self.keys, (self.total / self.count).tolist(), strict=True))
+        self.total, self.count = None, 0
+        return means
+
+
+def checkpoint_state(
+    cfg: dict[str, Any],
+    overrides: Sequence[str],
+    counters: Counters,
+    agent: Agent,
+    replay: ReplayBuffer | NStepReplayBuffer | None,
+    generator: torch.Generator,
+    env_facts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything an exact resume needs, as plain containers and tensors (docs/training.md, "Checkpoints");
+    `env_facts` (`export.env_deploy_facts` of the training env) lets export run without rebuilding the env."""
+    agent_state = agent.state_dict()
+    bad = find_nonfinite(agent_state)
+    if bad is not None:
+        raise NonFiniteError(f"non-finite agent state {bad} at env_step {counters.env_step}")
+    meta = {"config": cfg, "overrides": list(overrides), "counters": dataclasses.asdict(counters)}
+    if env_facts is not None:
+        meta["env"] = env_facts
+    return {
+        "meta": meta,
+        "agent": agent_state,
+        "replay": None if replay is None else replay.state_dict(),
+        "rng": capture_rng(generator),
+    }
+
+
+@dataclasses.dataclass
+class StopGuard:
+    """What a training loop's stop messages need: the loop sets `checkpoint_step` after each checkpoint it writes;
+    `write_nonfinite` is False on the ranks that do not write files (DDP)."""
+
+    run_dir: Path
+    resolved: dict[str, Any]
+    counters: Counters
+    agent: Any
+    progress: Any  # Progress, or a silent stand-in
+    checkpoint_step: int
+    write_nonfinite: bool = True
+
+
+@contextlib.contextmanager
+def reported_stops(guard: StopGuard) -> Iterator[StopGuard]:
+    """Around a training loop (both algorithms): a non-finite stop writes the offending agent to
+    checkpoints/nonfinite.pt and names the last finite checkpoint; Ctrl-C says how to resume; a finished loop
+    prints its last line."""
+    ckpt_dir, counters = guard.run_dir / CHECKPOINT_DIR, guard.counters
+    try:
+        yield guard
+    except NonFiniteError as err:
+        nonfinite = ckpt_dir / "nonfinite.pt"
+        if guard.write_nonfinite:
+            save_checkpoint(nonfinite, {"meta": {"config": guard.resolved, "counters": dataclasses.asdict(counters)},
+                                        "agent": guard.agent.state_dict()})  # fmt: skip
+        raise NonFiniteError(
+            f"{err}: run stopped; last finite checkpoint {ckpt_dir / LATEST} (env_step {guard.checkpoint_step}), "
+            f"the non-finite agent in {nonfinite}"
+        ) from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"interrupted at env_step {counters.env_step}; resume=`{guard.run_dir}` continues from env_step "
+            f"{guard.checkpoint_step}"
+        ) from None
+    final = f" | last eval return {counters.last_eval_return:.1f}" if counters.last_eval_return is not None else ""
+    guard.progress.write(f"done: env_step {counters.env_step}{final} | run dir {guard.run_dir}")
+
+
+# ------------------------------------------------------------------------------------------ resume, run dir
+
+
+def load_resume(cfg: DictConfig, resolved: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint `cfg.resume` names (None for a new run), after checking that the run it continues had the
+    same config (`fasttd3_lora.config.RESUME_MAY_CHANGE` lists what may differ)."""
+    if not cfg.resume:
+        return None
+    resume = load_checkpoint(resolve_checkpoint(cfg.resume))
+    check_resume_compatible(resolved, resume["meta"]["config"])
+    return resume
+
+
+def restore(
+    resume: dict[str, Any],
+    agent: Agent,
+    replay: ReplayBuffer | NStepReplayBuffer | None,
+    generator: torch.Generator,
+    learning_starts: int,
+) -> tuple[Counters, int]:
+    """Load a checkpoint into the agent and, where the loop can use them (`replay` not None), the replay buffer
+    and the generator; returns the counters and the agent step after which updates resume: at once when the
+    buffer came back, else after refilling `learning_starts` agent steps."""
+    counters = Counters(**resume["meta"]["counters"])
+    agent.load_state_dict(resume["agent"])
+    updates_from = learning_starts
+    if replay is not None:
+        restore_rng(resume["rng"], generator)
+    if replay is not None and resume["replay"] is not None:
+        replay.load_state_dict(resume["replay"])
+    else:
+        updates_from = counters.agent_step + learning_starts
+    return counters, updates_from
+
+
+class _Silent:
+    """Stands in for the logger and the progress display of a process that does not write (DDP ranks > 0)."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None: ...
+    def update(self, *args: Any, **kwargs: Any) -> None: ...
+    def write(self, *args: Any, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+class RunRecord:
+    """What a loop writes into its run directory: config.yaml, metric rows (metrics.csv, TensorBoard, wandb), the
+    progress display, the run's wall time over all resumes, and checkpoints. `lead=False` (DDP ranks > 0) writes
+    nothing and shows nothing, but builds the same checkpoint states (so every rank continues from them)."""
+
+    def __init__(
+        self,
+        stack: ExitStack,
+        cfg: DictConfig,
+        resolved: dict[str, Any],
+        run_dir: str | Path,
+        overrides: Sequence[str],
+        counters: Counters,
+        *,
+        resumed: bool,
+        lead: bool = True,
+    ) -> None:
+        self.run_dir, self.resolved, self.overrides = Path(run_dir), resolved, list(overrides)
+        self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
+        self.counters, self.lead, self.resumed = counters, lead, resumed
+        self.logger: RunLogger | _Silent = _Silent()
+        self.progress: Progress | _Silent = _Silent()
+        if lead:
+            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(resolved).encode()))
+            wandb = OmegaConf.to_container(cfg.wandb) if cfg.logger == "wandb" else None
+            self.logger = RunLogger(self.run_dir, config=resolved, wandb=wandb,
+                                    resumed_at=counters.env_step if resumed else None)  # fmt: skip
+            self.progress = Progress(cfg.total_env_steps, counters.env_step)
+        stack.callback(self.logger.close)
+        stack.callback(self.progress.close)
+        self.progress.update(counters.env_step, eval_return=counters.last_eval_return)
+        self._start, self._start_wall = time.monotonic(), counters.wall_time
+        self._guard: StopGuard | None = None
+
+    def announce(self, what: str) -> None:
+        """The run's first line: `started: <what>` or `resumed at env_step N: <what>`."""
+        how = f"resumed at env_step {self.counters.env_step}" if self.resumed else "started"
+        self.progress.write(f"{how}: {what}, run dir {self.run_dir}")
+
+    def wall_time(self) -> float:
+        """Seconds of training so far, over all resumes."""
+        return self._start_wall + time.monotonic() - self._start
+
+    def log(self, row: dict[str, float]) -> None:
+        self.logger.log(self.counters.env_step, self.wall_time(), row)
+
+    def log_eval(self, mean: float, std: float) -> None:
+        self.counters.last_eval_return = mean
+        self.log({"eval_return": mean, "eval_return_std": std})
+        self.progress.update(self.counters.env_step, eval_return=mean)
+
+    def checkpoint(
+        self,
+        agent: Agent,
+        replay: ReplayBuffer | NStepReplayBuffer | None,
+        generator: torch.Generator,
+        env_facts: dict[str, Any] | None,
+        *,
+        keep_copy: bool = False,
+    ) -> dict[str, Any]:
+        """Write checkpoints/latest.pt (lead only; also `step_<env_step>.pt` with `keep_copy`); returns the state."""
+        self.counters.wall_time = self.wall_time()
+        state = checkpoint_state(self.resolved, self.overrides, self.counters, agent, replay, generator, env_facts)
+        if self.lead:
+            save_checkpoint(self.ckpt_dir / LATEST, state)
+            if keep_copy:
+                copy_checkpoint(self.ckpt_dir / LATEST, self.ckpt_dir / f"step_{self.counters.env_step}.pt")
+        if self._guard is not None:
+            self._guard.checkpoint_step = self.counters.env_step
+        return state
+
+    def guard(self, agent: Agent) -> StopGuard:
+        """The stop guard of this run (`reported_stops`); `checkpoint` keeps its last checkpoint step current."""
+        self._guard = StopGuard(self.run_dir, self.resolved, self.counters, agent, self.progress,
+                                self.counters.env_step, write_nonfinite=self.lead)  # fmt: skip
+        return self._guard
