@@ -32,6 +32,7 @@ from hydra import compose, initialize_config_module
 from tensordict import TensorDict
 
 from fasttd3_lora.fasttd3 import FastTD3, FastTD3Config
+from fasttd3_lora.precision import choose_precision
 from update_floor import layer_shapes, matmul_floor
 
 TASK, OBS, ACT = "Isaac-Velocity-Rough-G1-v0", 310, 37
@@ -104,7 +105,7 @@ def table(scale: str, kinds: list[str], modes: list[str], results: dict, floors:
     print(f"\n# FastTD3 update (critic + actor), scale {scale}: critic {cfg.critic_hidden_dim}x{cfg.critic_num_blocks}"
           f" (x{cfg.num_critics}), actor {cfg.actor_hidden_dim}x{cfg.actor_num_blocks}, batch {cfg.batch_size}, obs "
           f"{OBS}, act {ACT}, {cfg.num_atoms} atoms; torch {torch.__version__}, {platform.machine()} "
-          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, {datetime.date.today()}; "
+          f"{torch.backends.cpu.get_cpu_capability()} (precision=auto picks {choose_precision('auto', 'cpu')[0]}), {torch.get_num_threads()} threads, {datetime.date.today()}; "
           f"median {what} time of {reps} updates")  # fmt: skip
     print("| mode | " + " | ".join(f"{k} (ms)" for k in kinds) + " | lora / simbav2 | matmul floor (ms) | best / floor |")
     print("|---" * (len(kinds) + 4) + "|")

@@ -25,6 +25,7 @@ import torch
 from hydra import compose, initialize_config_module
 from tensordict import TensorDict
 
+from fasttd3_lora.precision import choose_precision
 from fasttd3_lora.sac import SAC, SACConfig
 from update_floor import layer_shapes, matmul_floor, median_ms
 
@@ -110,7 +111,7 @@ def table(args: argparse.Namespace, results: dict[tuple[str, str], float], floor
     print(f"\n# SAC update, batch {cfg.batch_size}, obs {OBS}, act {ACT}, {cfg.num_atoms} atoms, critic "
           f"{cfg.critic_hidden_dim}x{cfg.critic_num_blocks} (x{cfg.num_critics}), actor {cfg.actor_hidden_dim}x"
           f"{cfg.actor_num_blocks}; torch {torch.__version__}, {platform.machine()} "
-          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+          f"{torch.backends.cpu.get_cpu_capability()} (precision=auto picks {choose_precision('auto', 'cpu')[0]}), {torch.get_num_threads()} threads, "
           f"{datetime.date.today()}; median {what} time")  # fmt: skip
     print("| mode | " + " | ".join(f"{k} (ms)" for k in args.kinds) + " | lora / simbav2 | matmul floor (ms) |")
     print("|---" * (len(args.kinds) + 3) + "|")

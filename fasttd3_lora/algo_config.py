@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from fasttd3_lora.checks import ConfigError, boolean, choice, int_in, number_in, positive
 from fasttd3_lora.networks import CriticSettings
+from fasttd3_lora.precision import choose_precision
 
 __all__ = ["AlgorithmConfig"]
 
@@ -73,14 +74,17 @@ class AlgorithmConfig(CriticSettings):
 
     @classmethod
     def algo_keys(cls) -> tuple[str, ...]:
-        """The fields that come from `cfg.algo` (the rest are the critic's)."""
+        """The fields that come from `cfg.algo` (the rest are the critic's, and `amp_bf16` from `precision`)."""
         critic = {f.name for f in dataclasses.fields(CriticSettings)}
-        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in critic)
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in critic and f.name != "amp_bf16")
 
     @classmethod
     def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
-        """The raw value of every algo field: `cfg.algo.<field>`; subclasses add or replace some."""
-        return {key: cfg.algo[key] for key in cls.algo_keys()}
+        """The raw value of every algo field: `cfg.algo.<field>`, and bf16 autocast from the run's `precision`
+        (`auto` resolved for `cfg.device`); subclasses add or replace some."""
+        values = {key: cfg.algo[key] for key in cls.algo_keys()}
+        values["amp_bf16"] = choose_precision(cfg.precision, cfg.device)[0] == "bf16"
+        return values
 
     @classmethod
     def from_hydra(cls, cfg: DictConfig) -> "AlgorithmConfig":
@@ -107,7 +111,6 @@ class AlgorithmConfig(CriticSettings):
             raise ConfigError(f"algo.v_max={v_max!r}: allowed a number > algo.v_min ({v_min!r})")
         choice(cfg, "algo.num_critics", (1, 2))
         number_in(cfg, "algo.lora_weight_decay", 0.0, _INF, lo_open=False, hi_open=True)
-        boolean(cfg, "algo.amp_bf16")
         try:
             return cls.from_hydra(cfg)
         except ValueError as err:  # what only the built config can tell (a family's values, field relations)

@@ -8,6 +8,7 @@ therefore checked here first, against the config directory, with close matches.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.resources
 import importlib.util
@@ -28,6 +29,7 @@ from fasttd3_lora.checks import MISSING, ConfigError, boolean, choice, get, int_
 from fasttd3_lora.algorithms import ALGORITHMS
 from fasttd3_lora.envs import TASK_FAMILIES
 from fasttd3_lora.networks import CRITIC_KINDS
+from fasttd3_lora.precision import PRECISIONS
 from fasttd3_lora.threads import AUTO
 
 __all__ = [
@@ -43,6 +45,8 @@ __all__ = [
     "override_value",
     "drop_override",
     "check_resume_compatible",
+    "upgrade_saved",
+    "RESUME_KEEPS",
     "check_device",
     "path_safe",
 ]
@@ -54,7 +58,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 # Top-level keys a resumed run may change: they steer the run, not what is learnt (docs/training.md, "Resume").
 RESUME_MAY_CHANGE = (
     "total_env_steps", "eval_every", "eval_episodes", "checkpoint_every", "save_buffer",
-    "keep_eval_checkpoints", "resume", "logger", "wandb", "device", "threads",
+    "keep_eval_checkpoints", "resume", "logger", "wandb", "device", "threads", "precision",
     "algo.compile", "algo.compile_mode",  # how the same math is executed, not what it computes
 )  # fmt: skip
 _LIST_AT_MOST = 12  # a group with more options than this is answered with close matches only
@@ -210,6 +214,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"device={device!r}: allowed cpu, cuda, cuda:<index> or mps")
     if get(cfg, "threads") != AUTO:
         int_in(cfg, "threads", 1, or_else=f" or {AUTO}")
+    choice(cfg, "precision", PRECISIONS)
     for key in ("total_env_steps", "eval_every", "checkpoint_every", "eval_episodes"):
         int_in(cfg, key, 1)
     boolean(cfg, "save_buffer")
@@ -272,6 +277,22 @@ def override_value(overrides: Sequence[str], key: str) -> Any:
 def drop_override(overrides: Sequence[str], key: str) -> list[str]:
     """`overrides` without those of `key` (a checkpoint stores its run's overrides without `resume`)."""
     return [o.input_line for o in _parse(overrides) if o.key_or_group != key]
+
+
+def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's `meta` (its config and overrides) in today's keys, so an older run resumes and exports:
+    before the `precision` key, bf16 autocast was `algo.amp_bf16` (true/false)."""
+    config, overrides = copy.deepcopy(dict(meta["config"])), list(meta.get("overrides", []))
+    algo = config.get("algo", {})
+    if "precision" not in config and "amp_bf16" in algo:
+        config["precision"] = "bf16" if algo.pop("amp_bf16") else "fp32"
+        overrides = [o for o in overrides if o.split("=", 1)[0] != "algo.amp_bf16"] + [f"precision={config['precision']}"]
+    return {**meta, "config": config, "overrides": overrides}
+
+
+# Keys a resumed run takes from its checkpoint unless the command line sets them: `auto` may resolve differently
+# on another machine or under another load, and a bit-exact resume needs the same thread count and arithmetic.
+RESUME_KEEPS = ("threads", "precision")
 
 
 def check_resume_compatible(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> None:

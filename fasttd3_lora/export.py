@@ -45,6 +45,7 @@ from torch import Tensor, nn
 import fasttd3_lora
 from fasttd3_lora.checkpoint import CHECKPOINT_DIR, LATEST, CheckpointError, load_checkpoint, run_dir_of
 from fasttd3_lora.algorithms import ALGORITHMS, Algorithm
+from fasttd3_lora.config import upgrade_saved
 from fasttd3_lora.envs import TASK_FAMILIES, EnvRequest, env_deploy_facts, make_envs
 from fasttd3_lora.normalization import RunningMeanStd
 
@@ -215,7 +216,7 @@ def _facts_from_run(state: Mapping[str, Any], source: Path) -> dict[str, Any]:
     family = _get(state, "meta.config.task.family", source)
     if family not in TASK_FAMILIES:
         raise ExportError(f"task.family={family}: no env builder to read deploy facts from; allowed {sorted(TASK_FAMILIES)}")
-    config = OmegaConf.create(dict(state["meta"]["config"]))
+    config = OmegaConf.create(upgrade_saved(state["meta"])["config"])
     algo_cfg = _algorithm(state, source).config.from_hydra(config)
     # one env of each kind is enough to ask
     request = EnvRequest(config.task, 1, algo_cfg.action_repeat, int(config.seed), str(config.device), 1)

@@ -1,7 +1,8 @@
 """One training run from a composed config: what happens between the command line (`fasttd3_lora.train`) and an
 algorithm's loop (`fasttd3_lora.loops.*`), the same for every algorithm.
 
-`train(cfg, run_dir, overrides)` checks the device, sets torch's thread count (`threads`), builds the
+`train(cfg, run_dir, overrides)` checks the device, sets torch's thread count (`threads`) and the arithmetic
+(`precision`), both printed and recorded, builds the
 algorithm's config once from `cfg` (the registry, `fasttd3_lora.algorithms`), hands it to the algorithm's loop,
 and records how the run ended in `<run dir>/status.json` (`fasttd3_lora.run_status`).
 """
@@ -17,6 +18,7 @@ from fasttd3_lora.algorithms import algorithm
 from fasttd3_lora.checkpoint import CheckpointError
 from fasttd3_lora.config import ConfigError, check_device
 from fasttd3_lora.loops.kit import Counters, NonFiniteError
+from fasttd3_lora.precision import choose_precision
 from fasttd3_lora.replay import ReplayMemoryError
 from fasttd3_lora.run_status import recording_outcome
 from fasttd3_lora.threads import apply_threads
@@ -33,8 +35,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     entry = algorithm(cfg.algo.name)
     threads, why = apply_threads(cfg.threads)
     print(f"torch threads: {threads} ({why})", flush=True)
-    with open_dict(cfg):
-        cfg.threads = threads  # the count goes into config.yaml and checkpoints: a resume reuses it
+    precision, reason = choose_precision(cfg.precision, cfg.device)
+    print(f"precision: {precision} ({reason})", flush=True)
+    with open_dict(cfg):  # both go into config.yaml and checkpoints: a resume reuses them
+        cfg.threads, cfg.precision = threads, precision
     with recording_outcome(run_dir, NonFiniteError, (ConfigError, CheckpointError)) as outcome:
         algo_cfg = entry.config.check_hydra(cfg)
         try:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fasttd3_lora.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, run_dir_of
 from fasttd3_lora.config import (
+    RESUME_KEEPS,
     ConfigError,
     check_device,
     check_overrides,
@@ -32,8 +33,10 @@ from fasttd3_lora.config import (
     drop_override,
     merge_overrides,
     override_value,
+    upgrade_saved,
     validate_config,
 )
+from fasttd3_lora.threads import AUTO
 from fasttd3_lora.loops.kit import NonFiniteError
 from fasttd3_lora.run_status import read_status, write_status
 from fasttd3_lora.runner import train
@@ -85,7 +88,7 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
     overrides, run_dir, saved = list(args.overrides), None, None
     if resume is not None:
         checkpoint = resolve_checkpoint(str(resume))
-        saved = load_checkpoint(checkpoint, mmap=True)["meta"]  # mmap: the replay buffer is not read here
+        saved = upgrade_saved(load_checkpoint(checkpoint, mmap=True)["meta"])  # mmap: the buffer is not read here
         overrides = merge_overrides(saved["overrides"], overrides)
         run_dir = run_dir_of(checkpoint)
     cfg = compose_config(overrides, with_hydra=True)
@@ -95,9 +98,10 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
     check_device(cfg.device)
     if saved is not None:
         check_resume_compatible(OmegaConf.to_container(cfg, resolve=True), saved["config"])
-        if override_value(overrides, "threads") is None and isinstance(saved["config"].get("threads"), int):
-            # bit-exact resume needs the same thread count (reductions split differently)
-            overrides.append(f"threads={saved['config']['threads']}")
+        for key in RESUME_KEEPS:
+            recorded = saved["config"].get(key)
+            if override_value(overrides, key) is None and recorded not in (None, AUTO):
+                overrides.append(f"{key}={recorded}")
     run_dir = run_dir or _fresh_dir(template)
     return [*overrides, f"hydra.run.dir={_quote(str(run_dir))}"]
 

@@ -270,6 +270,9 @@ def test_run_dir_holds_config_metrics_events_and_checkpoint(killed_and_resumed: 
     assert config.task.max_episode_steps == 50 and config.seed == 3 and config.resume == str(run_dir)
     # threads=auto followed OMP_NUM_THREADS=1 and was recorded; the resume took the recorded count
     assert config.threads == 1 and "torch threads: 1 (threads=1)" in killed_and_resumed["resumed"].stdout
+    # precision=auto was resolved for this machine and recorded; the resume took the recorded value
+    chosen = config.precision
+    assert chosen in ("fp32", "bf16") and f"precision: {chosen} (precision={chosen})" in killed_and_resumed["resumed"].stdout
     table = rows(run_dir)
     assert METRIC_COLUMNS <= set(table[0])
     steps = [int(r["env_step"]) for r in table if r["episode_return"]]

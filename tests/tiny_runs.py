@@ -15,7 +15,7 @@ SMALL_NETS = [
     "critic.alpha=8",
     "algo.num_atoms=11",
     "algo.actor_hidden_dim=16",
-    "algo.amp_bf16=false",
+    "precision=fp32",
 ]
 
 

@@ -41,7 +41,7 @@ from fasttd3_lora.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from fasttd3_lora.config import check_resume_compatible
+from fasttd3_lora.config import check_resume_compatible, upgrade_saved
 from fasttd3_lora.run_logging import Progress, RunLogger
 
 if TYPE_CHECKING:
@@ -256,6 +256,7 @@ def load_resume(cfg: DictConfig, resolved: dict[str, Any]) -> dict[str, Any] | N
     if not cfg.resume:
         return None
     resume = load_checkpoint(resolve_checkpoint(cfg.resume))
+    resume["meta"] = upgrade_saved(resume["meta"])
     check_resume_compatible(resolved, resume["meta"]["config"])
     return resume
 
