@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fasttd3_lora.checks import MISSING, ConfigError, boolean, choice, get, int_in, number_in, positive
 from fasttd3_lora.algorithms import ALGORITHMS
 from fasttd3_lora.envs import TASK_FAMILIES
+from fasttd3_lora.fasttd3 import FAMILY_KEYS
 from fasttd3_lora.networks import CRITIC_KINDS
 from fasttd3_lora.precision import PRECISIONS
 from fasttd3_lora.threads import AUTO
@@ -69,9 +70,15 @@ def path_safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")
 
 
-# The run-directory template in configs/config.yaml uses it; registered once, at import.
-if not OmegaConf.has_resolver("path_safe"):
-    OmegaConf.register_new_resolver("path_safe", path_safe)
+def budget(steps_per_env: int | None, num_envs: int, default: int) -> int:
+    """The default `total_env_steps`: a task's budget per env times the envs, or `default` for tasks without one."""
+    return default if steps_per_env is None else int(steps_per_env) * int(num_envs)
+
+
+# configs/config.yaml uses them (the run-directory template, the default budget); registered once, at import.
+for _name, _resolver in (("path_safe", path_safe), ("budget", budget)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 def config_dir() -> Path:
@@ -280,14 +287,29 @@ def drop_override(overrides: Sequence[str], key: str) -> list[str]:
 
 
 def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint's `meta` (its config and overrides) in today's keys, so an older run resumes and exports:
-    before the `precision` key, bf16 autocast was `algo.amp_bf16` (true/false)."""
+    """A checkpoint's `meta` (its config and overrides) in today's keys, so an older run resumes and exports as it
+    ran: before the `precision` key, bf16 autocast was `algo.amp_bf16` (true/false); before `algo.use_cdq`, the
+    FastTD3 target was always clipped double Q (and its `algo.actor_q` is kept); before the DMC family's
+    `task.fasttd3`, a DMC run took the algo defaults."""
     config, overrides = copy.deepcopy(dict(meta["config"])), list(meta.get("overrides", []))
     algo = config.get("algo", {})
+    pinned: list[str] = []  # algo keys whose default changed since: the run keeps the value it ran with
+    if algo.get("name") == "fasttd3" and "use_cdq" not in algo:  # before use_cdq: min target, actor_q as saved
+        algo["use_cdq"] = True
+        pinned.append("actor_q")
+    if algo.get("name") == "fasttd3" and "fasttd3" not in config.get("task", {}):
+        pinned += FAMILY_KEYS  # before the DMC family had FastTD3 numbers, the algo defaults applied
+    overrides += [f"algo.{key}={_override_literal(algo[key])}" for key in pinned
+                  if key in algo and override_value(overrides, f"algo.{key}") is None]  # fmt: skip
     if "precision" not in config and "amp_bf16" in algo:
         config["precision"] = "bf16" if algo.pop("amp_bf16") else "fp32"
         overrides = [o for o in overrides if o.split("=", 1)[0] != "algo.amp_bf16"] + [f"precision={config['precision']}"]
     return {**meta, "config": config, "overrides": overrides}
+
+
+def _override_literal(value: Any) -> str:
+    """A config value as Hydra override text (`null`, `true`, numbers and plain strings)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 # Keys a resumed run takes from its checkpoint unless the command line sets them: `auto` may resolve differently
@@ -299,6 +321,8 @@ def check_resume_compatible(cfg: Mapping[str, Any], saved: Mapping[str, Any]) ->
     """A resumed run may change only `RESUME_MAY_CHANGE`; anything else would not continue the same run."""
     now, before = _flatten(cfg), _flatten(saved)
     for key in sorted(set(now) | set(before)):
+        if key.startswith("task.fasttd3."):  # a family's defaults act only through the algo.* values, compared here
+            continue
         if key in RESUME_MAY_CHANGE or key.split(".")[0] in RESUME_MAY_CHANGE or now.get(key, MISSING) == before.get(key, MISSING):
             continue
         raise ConfigError(

@@ -92,15 +92,16 @@ def categorical_projection(
 def categorical_loss(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Cross-entropy ``-sum_k p_target log softmax(logits)``, mean over the batch (DESIGN §2).
 
-    logits (N, K) or stacked critics (E, N, K) sharing one target (N, K). With E critics the result is the sum
-    over critics of each critic's batch-mean loss (clipped double Q trains both heads on the same target).
-    Computed in float32; returns a scalar.
+    logits (N, K) or stacked critics (E, N, K), against one target (N, K) that every critic shares (clipped
+    double Q trains both heads on the same target) or a target per critic (E, N, K). With E critics the result
+    is the sum over critics of each critic's batch-mean loss. Computed in float32; returns a scalar.
     """
-    if target_probs.dim() != 2:
-        raise ValueError(f"target_probs must be (N, K), got shape {tuple(target_probs.shape)}")
-    if logits.dim() not in (2, 3) or logits.shape[-2:] != target_probs.shape:
+    if target_probs.dim() not in (2, 3):
+        raise ValueError(f"target_probs must be (N, K) or (E, N, K), got shape {tuple(target_probs.shape)}")
+    fits = logits.shape == target_probs.shape or (logits.dim() == 3 and logits.shape[-2:] == target_probs.shape)
+    if logits.dim() not in (2, 3) or not fits:
         raise ValueError(
-            f"logits must be (N, K) or (E, N, K) with (N, K) = {tuple(target_probs.shape)}, "
+            f"logits must be (N, K) or (E, N, K) with (N, K) = {tuple(target_probs.shape[-2:])}, "
             f"got {tuple(logits.shape)}"
         )
     log_p = torch.log_softmax(logits.float(), dim=-1)

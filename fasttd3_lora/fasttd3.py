@@ -52,7 +52,9 @@ __all__ = [
     "FastTD3",
 ]
 
-ACTOR_Q = ("mean", "min")  # how the actor combines the twin critics' Q (DESIGN §2; FastTD3 uses the mean)
+# The algo keys a task family sets under task.fasttd3 (configs/algo/fasttd3.yaml interpolates exactly these).
+FAMILY_KEYS = ("action_repeat", "updates_per_step", "batch_size", "buffer_size", "n_step", "num_atoms", "v_min", "v_max")
+ACTOR_Q = ("mean", "min")  # how the actor combines the twin critics' Q (DESIGN §2, §6)
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
 
 GradSync = Callable[[Sequence[nn.Parameter]], None]
@@ -63,9 +65,9 @@ class FastTD3Config(AlgorithmConfig):
     """Every knob of the FastTD3 agent; the values live in `configs/` only (algo/fasttd3, critic/*, scale/*,
     and a task family's `task.fasttd3.*`).
 
-    `configs/algo/fasttd3.yaml` holds the locomotion / DMC defaults; an Isaac Lab task family's file may set any
-    algo key again under `task.fasttd3` (updates per step, n-step, atom support, per-env buffer size), and
-    `from_hydra` takes those over the algo ones, so every number has one home per family.
+    `configs/algo/fasttd3.yaml` holds the Isaac Lab locomotion defaults; a task family's file sets its own values
+    under `task.fasttd3` (updates per step, n-step, atom support, per-env buffer size, ...), which the algo keys
+    take by interpolation, so every number has one home per family and `algo.<key>=` still overrides.
     `buffer_size` counts steps per env (the ring of each env), `batch_size` transitions over all envs.
     """
 
@@ -79,7 +81,8 @@ class FastTD3Config(AlgorithmConfig):
     std_min: float
     std_max: float
     std_anneal: bool
-    actor_q: str
+    use_cdq: bool
+    actor_q: str | None
     compile_mode: str | None
 
     def __post_init__(self) -> None:
@@ -96,8 +99,8 @@ class FastTD3Config(AlgorithmConfig):
             )
         if not 0.0 <= self.std_min <= self.std_max:
             raise ValueError(f"FastTD3Config needs 0 <= std_min <= std_max, got {self.std_min!r}, {self.std_max!r}")
-        if self.actor_q not in ACTOR_Q:
-            raise ValueError(f"FastTD3Config.actor_q must be one of {ACTOR_Q}, got {self.actor_q!r}")
+        if self.actor_q is not None and self.actor_q not in ACTOR_Q:
+            raise ValueError(f"FastTD3Config.actor_q must be None or one of {ACTOR_Q}, got {self.actor_q!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"FastTD3Config.compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.warmup_fraction:
@@ -108,15 +111,13 @@ class FastTD3Config(AlgorithmConfig):
 
     @classmethod
     def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
-        """`cfg.algo`; keys under `cfg.task.fasttd3`, when the task has them (the Isaac Lab families do), replace
-        the algo values of the same name."""
+        """`cfg.algo`, whose family-specific keys default to the task family's `task.fasttd3` values (by
+        interpolation in configs/algo/fasttd3.yaml); a `task.fasttd3` key no algo key reads is a typo."""
         values = super().hydra_values(cfg)
-        overrides = cfg.task.get("fasttd3", None) if "task" in cfg else None
-        if overrides:
-            unknown = sorted(set(overrides) - set(values))
-            if unknown:
-                raise ValueError(f"task.fasttd3 has unknown keys {unknown}; allowed: {list(values)}")
-            values.update({key: overrides[key] for key in overrides})
+        family = cfg.task.get("fasttd3", None) if "task" in cfg else None
+        unknown = sorted(set(family or ()) - set(values))
+        if unknown:
+            raise ValueError(f"task.fasttd3 has unknown keys {unknown}; allowed: {list(values)}")
         return values
 
 
@@ -152,15 +153,23 @@ def critic_loss(
     noise: Tensor,
     policy_noise: float,
     noise_clip: float,
+    use_cdq: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Cross-entropy of the critic(s) against the categorical TD3 target (DESIGN §2, bonus 0): the target
-    critic's distribution at (s', a') with the smaller expected value, shifted to `r + discount z_k`, clipped and
-    projected. `reward` is the raw n-step sum, `discount` = `gamma^k (1 - terminated)` per sample (a time-out
+    """Cross-entropy of the critic(s) against the categorical TD3 target (DESIGN §2, bonus 0), shifted to
+    `r + discount z_k`, clipped and projected: with `use_cdq` (clipped double Q) every critic learns the target
+    critic's distribution at (s', a') with the smaller expected value; without, each critic its own target
+    critic's. `reward` is the raw n-step sum, `discount` = `gamma^k (1 - terminated)` per sample (a time-out
     bootstraps); observations already normalised. Returns (loss summed over critics, Q (E, N) detached)."""
     with torch.no_grad():
         next_action = target_action(actor, next_obs, noise, policy_noise, noise_clip)
         target_logits = target_critic(next_critic_obs, next_action)
-        target = categorical_projection(select_min_target(target_logits, critic.atoms), reward, discount, critic.atoms)
+        if use_cdq:
+            target = categorical_projection(select_min_target(target_logits, critic.atoms), reward, discount,
+                                            critic.atoms)  # fmt: skip
+        else:  # one projection per critic, as one batch of E * N rows
+            e, n, k = target_logits.shape
+            probs = torch.softmax(target_logits.float(), dim=-1).reshape(e * n, k)
+            target = categorical_projection(probs, reward.repeat(e), discount.repeat(e), critic.atoms).reshape(e, n, k)
     logits = critic(critic_obs, action)
     return categorical_loss(logits, target), critic.q_value(logits.detach())
 
@@ -213,6 +222,8 @@ class FastTD3:
                                            or critic_obs_dim < 1):  # fmt: skip
             raise ValueError(f"FastTD3: critic_obs_dim must be None or a positive int, got {critic_obs_dim!r}")
         self.cfg = cfg
+        # The actor objective follows the target (FastTD3: min with clipped double Q, else the mean) unless set.
+        self.actor_q = cfg.actor_q or ("min" if cfg.use_cdq else "mean")
         self.obs_dim, self.act_dim, self.critic_obs_dim = obs_dim, act_dim, critic_obs_dim
         self.num_envs = num_envs
         self.total_updates = total_updates
@@ -335,7 +346,7 @@ class FastTD3:
         with self._autocast():
             loss, q = critic_loss(
                 self.critic, self.target_critic, self.actor, critic_obs, action, reward, next_obs, next_critic_obs,
-                discount, noise, cfg.policy_noise, cfg.noise_clip,
+                discount, noise, cfg.policy_noise, cfg.noise_clip, cfg.use_cdq,
             )  # fmt: skip
         self.critic_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -345,7 +356,7 @@ class FastTD3:
 
     def _actor_step_eager(self, obs: Tensor, critic_obs: Tensor) -> Tensor:
         with self._autocast():
-            loss = actor_loss(self.actor, self.critic, obs, critic_obs, self.cfg.actor_q)
+            loss = actor_loss(self.actor, self.critic, obs, critic_obs, self.actor_q)
         self.actor_optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.actor.parameters()))  # the critic gets no gradient from this loss
         self._sync_grads(self.actor)

@@ -68,7 +68,9 @@ def test_every_group_option_composes_and_validates(default_cfg) -> None:
                     validate_config(cfg)
     for option in dmc:
         leaf = OmegaConf.load(config_dir() / "task" / f"{option}.yaml")
-        assert set(leaf) == {"name", "family", "max_episode_steps"} and leaf.name == option
+        assert set(leaf) == {"defaults", "name", "max_episode_steps"} and leaf.name == option
+        assert list(leaf.defaults) == ["_dmc", "_self_"]  # the family's settings, then the task's own
+        del leaf["defaults"]
         validate_config(OmegaConf.merge(default_cfg, {"task": leaf}))
 
 
@@ -181,3 +183,26 @@ def test_resume_may_change_run_control_keys_only(default_cfg) -> None:
 @pytest.mark.parametrize(("text", "expected"), [("dmc/cheetah-run", "dmc-cheetah-run"), ("a b//c", "a-b-c")])
 def test_path_safe(text: str, expected: str) -> None:
     assert path_safe(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("task", "steps_per_env"),
+    [("Isaac-Velocity-Flat-H1-v0", 75_000), ("Isaac-Velocity-Flat-G1", 50_000), ("Isaac-Velocity-Rough-H1-v0", 50_000),
+     ("Isaac-Velocity-Rough-G1-v0", 50_000), ("Isaac-Repose-Cube-Allegro-Direct-v0", 100_000),
+     ("Isaac-Reorient-Cube-Shadow-Direct", 100_000)],
+)
+def test_an_isaac_lab_task_trains_its_own_budget_per_env(task: str, steps_per_env: int) -> None:
+    cfg = compose_config([f"task={task}", "device=cpu"])
+    assert cfg.task.steps_per_env == steps_per_env and cfg.total_env_steps == steps_per_env * 4096
+    assert compose_config([f"task={task}", "device=cpu", "algo.num_envs=512"]).total_env_steps == steps_per_env * 512
+    assert compose_config([f"task={task}", "device=cpu", "total_env_steps=1000"]).total_env_steps == 1000
+    assert compose_config(["task=dmc/walker-walk"]).total_env_steps == 1_000_000  # no budget per env: 1M env steps
+
+
+def test_lora_alpha_follows_the_rank_unless_set() -> None:
+    assert compose_config(["critic.rank=8"]).critic.alpha == 8  # scale 1 at every rank of a sweep
+    assert compose_config(["critic.rank=8", "critic.alpha=32"]).critic.alpha == 32
+    ranks = compose_config(["experiment=ablation_rank_budget"], with_hydra=True).hydra.sweeper.params["critic.rank"]
+    for rank in ranks.split(","):
+        assert compose_config(["experiment=ablation_rank_budget", f"critic.rank={rank}"]).critic.alpha == int(rank)
+

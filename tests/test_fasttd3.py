@@ -34,7 +34,7 @@ def make_cfg(kind: str = "lora", **overrides) -> FastTD3Config:
         num_envs=ENVS, action_repeat=1, updates_per_step=2, batch_size=N, buffer_size=64, n_step=3,
         learning_starts=0, gamma=0.9, tau=0.1, lr_init=1e-3, lr_final=1e-4, num_atoms=11, v_min=-5.0, v_max=5.0,
         num_critics=2, policy_frequency=2, policy_noise=0.2, noise_clip=0.3, std_min=0.001, std_max=0.4,
-        std_anneal=False, actor_q="mean", lora_weight_decay=1e-2, actor_hidden_dim=8, actor_num_blocks=1,
+        std_anneal=False, use_cdq=True, actor_q="mean", lora_weight_decay=1e-2, actor_hidden_dim=8, actor_num_blocks=1,
         amp_bf16=False, compile_mode=None, critic_kind=kind, critic_hidden_dim=8, critic_num_blocks=1, sparsity=0.5,
     )  # fmt: skip
     fields.update(LORA_FIELDS if kind == "lora" else {k: None for k in LORA_FIELDS})
@@ -110,6 +110,32 @@ def test_critic_loss_target_uses_online_actor_min_target_and_per_sample_discount
     t0 = categorical_projection(probs, b["reward"], zero, critic.atoms)
     t1 = categorical_projection(torch.softmax(torch.randn(N, 11), -1), b["reward"], zero, critic.atoms)
     torch.testing.assert_close(t0, t1)
+
+
+def test_without_clipped_double_q_each_critic_learns_its_own_target() -> None:
+    torch.manual_seed(0)
+    critic = make_critic("simbav2", CRITIC_OBS, ACT, 8, 1, 11, -5.0, 5.0, num_critics=2)
+    target_critic = make_critic("simbav2", CRITIC_OBS, ACT, 8, 1, 11, -5.0, 5.0, num_critics=2)
+    actor = DeterministicActor(OBS, ACT, 8, 1)
+    b = random_batch()
+    noise = torch.randn(N, ACT)
+    args = (b["critic_observation"], b["action"], b["reward"], b["next_observation"], b["next_critic_observation"],
+            b["discount"], noise, 0.2, 0.3)  # fmt: skip
+    loss, _ = critic_loss(critic, target_critic, actor, *args, use_cdq=False)
+    next_logits = target_critic(b["next_critic_observation"], target_action(actor, b["next_observation"], noise, 0.2, 0.3))
+    logits = critic(b["critic_observation"], b["action"])
+    want = 0.0
+    for e in range(2):  # critic e against the projection of target critic e's own distribution
+        target = categorical_projection(torch.softmax(next_logits[e], -1), b["reward"], b["discount"], critic.atoms)
+        want = want - (target * torch.log_softmax(logits[e], -1)).sum(-1).mean()
+    torch.testing.assert_close(loss, want)
+    assert not torch.isclose(loss, critic_loss(critic, target_critic, actor, *args, use_cdq=True)[0])
+
+
+@pytest.mark.parametrize(("use_cdq", "actor_q", "expected"), [(True, None, "min"), (False, None, "mean"),
+                                                                (True, "mean", "mean")])  # fmt: skip
+def test_the_actor_objective_follows_the_target_mode_unless_set(use_cdq, actor_q, expected) -> None:
+    assert make_agent(make_cfg(use_cdq=use_cdq, actor_q=actor_q)).actor_q == expected
 
 
 @pytest.mark.parametrize("actor_q", ["mean", "min"])
@@ -376,17 +402,21 @@ def compose_cfg(*overrides: str):
 
 
 def test_from_hydra_takes_algo_defaults_and_task_family_overrides() -> None:
-    dmc = FastTD3Config.from_hydra(compose_cfg())
-    assert (dmc.updates_per_step, dmc.n_step, dmc.v_min, dmc.v_max, dmc.buffer_size) == (4, 8, -10.0, 10.0, 10240)
-    assert (dmc.num_envs, dmc.batch_size, dmc.num_atoms, dmc.tau, dmc.gamma) == (4096, 8192, 251, 0.1, 0.99)
+    dmc = FastTD3Config.from_hydra(compose_cfg())  # the DMC family's numbers (configs/task/_dmc.yaml)
+    assert (dmc.updates_per_step, dmc.n_step, dmc.v_min, dmc.v_max, dmc.buffer_size) == (4, 3, -10.0, 210.0, 10240)
+    assert (dmc.num_envs, dmc.batch_size, dmc.num_atoms, dmc.tau, dmc.gamma) == (4096, 256, 101, 0.1, 0.99)
+    assert dmc.action_repeat == 2
+    # the command line wins over the family's value
+    assert FastTD3Config.from_hydra(compose_cfg("algo.n_step=5", "algo.batch_size=64")).n_step == 5
     assert (dmc.lr_init, dmc.lr_final, dmc.policy_frequency, dmc.policy_noise, dmc.noise_clip) == (3e-4, 3e-5, 2, 0.001, 0.5)
-    assert (dmc.std_min, dmc.std_max, dmc.actor_q, dmc.lora_weight_decay) == (0.001, 0.4, "mean", 6e-4)
+    assert (dmc.std_min, dmc.std_max, dmc.use_cdq, dmc.actor_q, dmc.lora_weight_decay) == (0.001, 0.4, True, None, 6e-4)
     assert dmc.critic_kind == "lora" and dmc.lora_rank == 96 and dmc.compile_mode is None
     manip = FastTD3Config.from_hydra(compose_cfg("task=Isaac-Repose-Cube-Shadow-Direct-v0", "critic=simbav2"))
     assert (manip.updates_per_step, manip.n_step, manip.v_min, manip.v_max) == (2, 1, -500.0, 500.0)
     assert manip.critic_kind == "simbav2" and manip.lora_rank is None
     loco = FastTD3Config.from_hydra(compose_cfg("task=Isaac-Velocity-Rough-G1-v0"))
     assert (loco.updates_per_step, loco.n_step, loco.v_min, loco.v_max) == (4, 8, -10.0, 10.0)
+    assert (loco.batch_size, loco.num_atoms, loco.action_repeat, loco.buffer_size) == (8192, 251, 1, 5120)
 
 
 def test_config_errors_are_one_line_and_name_the_value() -> None:
@@ -399,7 +429,7 @@ def test_config_errors_are_one_line_and_name_the_value() -> None:
         with initialize_config_module("fasttd3_lora.configs", version_base=None):
             FastTD3Config.from_hydra(compose("config"))
     for bad, pattern in [
-        (dict(actor_q="max"), "actor_q must be one of"),
+        (dict(actor_q="max"), "actor_q must be None or one of"),
         (dict(compile_mode="fast"), "compile_mode must be one of"),
         (dict(warmup_fraction=0.2), "dense warm-up is implemented for SAC only"),
         (dict(std_min=0.5, std_max=0.4), "std_min <= std_max"),

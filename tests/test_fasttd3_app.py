@@ -29,6 +29,7 @@ DMC_TINY = [
     "algo=fasttd3",
     "task=dmc/cartpole-swingup",
     "task.max_episode_steps=25",
+    "algo.action_repeat=1",
     "algo.num_envs=4",
     "algo.batch_size=32",
     "algo.buffer_size=64",
