@@ -67,8 +67,8 @@ def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
     try:
         env = isaaclab.make_isaaclab_env(task.name, request.num_envs, request.seed, request.device, task.physics,
                                          task.headless)  # fmt: skip
-    except isaaclab.IsaacLabUnavailable as err:
-        raise ConfigError(str(err)) from None  # one line, exit 2
+    except (isaaclab.IsaacLabUnavailable, ValueError) as err:  # one line each: Isaac Lab missing, a bad task,
+        raise ConfigError(str(err)) from None  # physics preset or argument; exit 2
     return env, env
 
 
@@ -135,11 +135,11 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
         if len(joints) != act_dim:
             raise ValueError(f"env names {len(joints)} joints for {act_dim} action dimensions")
     period = _maybe_call(getattr(env, "control_period", None))
-    average = getattr(env, "action_moving_average", None)
+    average = getattr(env, "action_moving_average", None)  # per action dimension, or None
     return {
         "observation": {"dim": obs_dim, "layout": layout},
         "action": {"dim": act_dim, "scale": scale, "offset": offset, "clip": {"low": low, "high": high},
                    "joint_names": joints, "map_known": bool(getattr(env, "action_map_known", True)),
-                   "moving_average": None if average is None else float(average)},  # fmt: skip
+                   "moving_average": None if average is None else _floats(torch.as_tensor(average).expand(act_dim))},  # fmt: skip
         "control_period_s": None if period is None else float(period),
     }

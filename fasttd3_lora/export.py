@@ -289,7 +289,7 @@ def deploy_metadata(
     )  # fmt: skip
     action = dict(facts["action"])
     action["command"] = "offset + scale * clip(actions, clip.low, clip.high), per dimension" + (
-        "; then target = moving_average * command + (1 - moving_average) * previous target"
+        "; then target = moving_average * command + (1 - moving_average) * previous target, per dimension"
         if action.get("moving_average") is not None else ""
     )
     meta = {

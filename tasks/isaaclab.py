@@ -16,7 +16,9 @@ The env is a `torchrl.envs.EnvBase` with ``batch_size=[num_envs]`` on the simula
   joint command being ``action_offset + action_scale * action``, for export (DESIGN §8): read from manager-based
   action terms' ``_scale`` / ``_offset`` (the velocity tasks' joint-position term: ``default_joint_pos + 0.5 *
   action``), and for the Direct in-hand tasks from the joint limits that ``scale()`` maps [-1, 1] onto, with their
-  ``act_moving_average`` as ``action_moving_average`` (target ``<- m * command + (1 - m) * previous target``).
+  ``act_moving_average`` as ``action_moving_average`` (per action, target ``<- m * command + (1 - m) * previous
+  target``); Isaac Lab 3.0's Shadow hand ends its 20 actions with 4 tendon targets (``actuated_tendon_indices``,
+  ``tendon_lower_limits`` / ``tendon_upper_limits``), mapped and named the same way, with no moving average.
   Where a term has no such map, or it differs between envs, they are ones / zeros and ``action_map_known`` is False.
 * ``reward``: float32 ``(N, 1)``. ``terminated`` / ``truncated`` / ``done = terminated | truncated``: bool
   ``(N, 1)``. Time-outs are ``truncated``; a step that is both a termination and a time-out is ``terminated``
@@ -69,9 +71,14 @@ __all__ = [
     "make_isaaclab_env",
 ]
 
-# Isaac Lab 3.0's `launch_simulation(..., {"physics": ...})` selectors. `isaacsim_physx` is Isaac Sim's PhysX,
-# the engine of the paper's (2.x) runs; 3.0's own default for these tasks is Newton.
-PHYSICS_BACKENDS = ("isaacsim_physx", "physx", "newton_mjwarp", "newton_vbd", "ovphysx")
+# Isaac Lab 3.0's physics presets of these tasks, chosen with parse_env_cfg(..., overrides=["physics=<name>"]),
+# which keeps each task's tuned settings of that engine (passing `physics` to launch_simulation instead rebuilds
+# every physics config from defaults: checked on the 3.0.0 wheel). `isaacsim_physx` is Isaac Sim's PhysX, the
+# engine of the paper's (2.x) runs, and needs Isaac Sim; `physx` is Isaac Sim's PhysX where Kit runs, else OvPhysX;
+# the Newton presets (3.0's own default for these tasks) run without Isaac Sim. A task may lack a preset
+# (newton_kamino: locomotion only); Isaac Lab says which in one line.
+PHYSICS_BACKENDS = ("isaacsim_physx", "physx", "ovphysx", "newton_mjwarp", "newton_kamino")
+NEEDS_ISAAC_SIM = ("isaacsim_physx", "physx")
 DEFAULT_PHYSICS = "isaacsim_physx"
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 _GET_ISAACLAB = (
@@ -116,11 +123,16 @@ def _joint_names(unwrapped: Any) -> list[str] | None:
                 return None
             names.extend(term_joints)
         return names
-    # Direct in-hand manipulation envs: action i drives hand.joint_names[actuated_dof_indices[i]].
+    # Direct in-hand manipulation envs: action i drives hand.joint_names[actuated_dof_indices[i]]; Isaac Lab 3.0's
+    # Shadow hand then pulls tendons with the last actions (hand.fixed_tendon_names[actuated_tendon_indices[j]]).
     hand, actuated = getattr(unwrapped, "hand", None), getattr(unwrapped, "actuated_dof_indices", None)
-    if hand is not None and actuated is not None:
-        return [hand.joint_names[i] for i in actuated]
-    return None
+    if hand is None or actuated is None:
+        return None
+    names = [hand.joint_names[int(i)] for i in actuated]
+    tendons = getattr(unwrapped, "actuated_tendon_indices", None)
+    if tendons is not None:
+        names += [hand.fixed_tendon_names[int(j)] for j in tendons]
+    return names
 
 
 def _per_action(value: Any, num_envs: int, dim: int) -> torch.Tensor | None:
@@ -145,17 +157,25 @@ def _action_map(unwrapped: Any, act_dim: int) -> tuple[torch.Tensor, torch.Tenso
                 return None
             scales.append(scale), offsets.append(offset)
         return torch.cat(scales), torch.cat(offsets), None
-    # Direct in-hand envs: target = scale(action, lower, upper) = (upper + lower)/2 + (upper - lower)/2 * action,
-    # then a moving average with the previous target.
+    # Direct in-hand envs: joint target = scale(action, lower, upper) = (upper + lower)/2 + (upper - lower)/2 *
+    # action, then a moving average with the previous target; 3.0's Shadow hand maps its last actions onto tendon
+    # targets the same way (tendon_lower/upper_limits), without the moving average.
     actuated = getattr(unwrapped, "actuated_dof_indices", None)
     lower, upper = getattr(unwrapped, "hand_dof_lower_limits", None), getattr(unwrapped, "hand_dof_upper_limits", None)
     if actuated is None or lower is None or upper is None:
         return None
-    low, high = _per_action(lower[:, actuated], n, act_dim), _per_action(upper[:, actuated], n, act_dim)
+    lows, highs = [lower[:, actuated]], [upper[:, actuated]]
+    tendons = getattr(unwrapped, "actuated_tendon_indices", None)
+    if tendons is not None:
+        lows.append(unwrapped.tendon_lower_limits)
+        highs.append(unwrapped.tendon_upper_limits)
+    low, high = _per_action(torch.cat(lows, -1), n, act_dim), _per_action(torch.cat(highs, -1), n, act_dim)
     if low is None or high is None:
         return None
     average = getattr(unwrapped.cfg, "act_moving_average", None)
-    return (high - low) / 2, (high + low) / 2, None if average is None else float(average)
+    if average is not None:  # per action: the joints' m, the tendons' 1 (no smoothing)
+        average = torch.cat([torch.full((len(actuated),), float(average)), torch.ones(act_dim - len(actuated))])
+    return (high - low) / 2, (high + low) / 2, average
 
 
 def _flat_dim(spaces: Any, key: str) -> int:
@@ -364,17 +384,21 @@ def _make_2x(stack: contextlib.ExitStack, gym_id: str, num_envs: int, seed: int,
 def _make_3x(
     stack: contextlib.ExitStack, gym_id: str, num_envs: int, seed: int, device: str, physics: str, headless: bool
 ) -> Any:
-    """Isaac Lab 3.0: configs resolve before launch; `launch_simulation` starts what the config needs, applying
-    ``physics`` to every physics config in it, and stays open (a context) for the env's lifetime."""
+    """Isaac Lab 3.0: the config resolves before launch, with ``physics`` as the task's preset (its tuned settings
+    of that engine); `launch_simulation` starts what the config needs (Kit for Isaac Sim's PhysX) and stays open
+    (a context) for the env's lifetime."""
     import gymnasium as gym
     import isaaclab_tasks  # noqa: F401  (registers the gym ids)
     from isaaclab.app import launch_simulation
     from isaaclab_tasks.utils import parse_env_cfg
 
-    cfg = parse_env_cfg(gym_id, device=device, num_envs=num_envs)
+    try:
+        cfg = parse_env_cfg(gym_id, device=device, num_envs=num_envs, overrides=[f"physics={physics}"])
+    except ValueError as err:  # "Unknown preset(s): ..."
+        raise ValueError(f"physics={physics}: {gym_id} has no such preset ({str(err).splitlines()[0]})") from None
     cfg.seed = seed
     cfg.compute_final_obs = True  # extras["final_obs"]: true final observations for time-out bootstrapping
-    launcher_args = {"device": device, "physics": physics, "visualizer": "none" if headless else "kit"}
+    launcher_args = {"device": device, "visualizer": "none" if headless else "kit"}
     stack.enter_context(launch_simulation(cfg, launcher_args))
     return gym.make(gym_id, cfg=cfg)
 
@@ -412,7 +436,22 @@ def make_isaaclab_env(
         raise IsaacLabUnavailable(
             f"{task.id_2x}: Isaac Lab {api} is installed but failed to import ({first}): {hint}"
         ) from exc
+    except SystemExit as exc:  # Isaac Lab's kit launcher exits (after logging why) when Isaac Sim is missing
+        stack.close()
+        engine = physics or DEFAULT_PHYSICS
+        raise IsaacLabUnavailable(
+            f"{task.id_2x}: Isaac Lab {api} could not start physics={engine} (exit status {exc.code}): "
+            f"{'/'.join(NEEDS_ISAAC_SIM)} need Isaac Sim, which is not installed here; "
+            "task.physics=newton_mjwarp runs without it (Isaac Lab 3.0), or " + hint
+        ) from None
     except BaseException:
         stack.close()
         raise
-    return IsaacLabEnv(env, task=task.id_2x, close_fn=stack.close)
+    try:
+        return IsaacLabEnv(env, task=task.id_2x, close_fn=stack.close)
+    except BaseException:  # a wrapper that cannot be built leaves no gym env or simulation context open
+        try:
+            env.close()
+        finally:
+            stack.close()
+        raise

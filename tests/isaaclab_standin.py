@@ -22,6 +22,10 @@ What it copies from Isaac Lab (``ManagerBasedRLEnv`` / ``DirectRLEnv``, 2.x and 
   ``workflow="direct"`` exposes ``hand.joint_names``, the sorted ``actuated_dof_indices``, the
   (num_envs, joints) ``hand_dof_lower_limits`` / ``hand_dof_upper_limits`` and ``cfg.act_moving_average`` of
   Isaac Lab's in-hand manipulation envs, whose target is ``m * scale(action, lower, upper) + (1 - m) * previous``.
+  ``tendons=k`` makes the last k actions tendon targets as Isaac Lab 3.0's Shadow hand has them (16 joints + 4
+  tendons): ``hand.fixed_tendon_names``, ``actuated_tendon_indices``, (num_envs, k) ``tendon_lower_limits`` /
+  ``tendon_upper_limits``, target ``unscale_transform(action, lower, upper)`` clamped to the limits, no moving
+  average.
 
 Dynamics: each env is a point mass in ``dim`` dimensions pushed by its action toward a target; the reward is the
 decrease of the distance to the target. Episodes end by a random termination (probability
@@ -75,6 +79,7 @@ class StandInIsaacLabEnv:
         action_scale: float = 0.5,
         action_offset: float = 0.0,
         act_moving_average: float = 1.0,
+        tendons: int = 0,
         step_dt: float = 0.02,
         is_finite_horizon: bool = False,
         seed: int = 0,
@@ -82,6 +87,8 @@ class StandInIsaacLabEnv:
     ) -> None:
         if workflow not in ("manager", "direct"):
             raise ValueError(f"workflow={workflow!r}: allowed manager or direct")
+        if tendons and (workflow != "direct" or not 0 < tendons < dim):
+            raise ValueError(f"tendons={tendons}: the direct workflow's last actions, fewer than dim={dim}")
         self.num_envs = num_envs
         self.dim = dim
         self.device = device
@@ -133,11 +140,17 @@ class StandInIsaacLabEnv:
             )
         else:
             # An articulation with one passive joint; the actuated ones in index order, as Isaac Lab sorts them.
-            self.hand = SimpleNamespace(joint_names=["passive_joint", *joints])
-            self.actuated_dof_indices = list(range(1, dim + 1))
-            joint = torch.arange(dim + 1, dtype=torch.float32, device=device)
-            self.hand_dof_lower_limits = (-1.0 - 0.1 * joint).expand(n, dim + 1).clone()
-            self.hand_dof_upper_limits = (0.5 + 0.2 * joint).expand(n, dim + 1).clone()
+            actuated = dim - tendons
+            self.hand = SimpleNamespace(joint_names=["passive_joint", *joints[:actuated]],
+                                        fixed_tendon_names=["unused_tendon", *(f"tendon_{j}" for j in range(tendons))])
+            self.actuated_dof_indices = list(range(1, actuated + 1))
+            joint = torch.arange(actuated + 1, dtype=torch.float32, device=device)
+            self.hand_dof_lower_limits = (-1.0 - 0.1 * joint).expand(n, actuated + 1).clone()
+            self.hand_dof_upper_limits = (0.5 + 0.2 * joint).expand(n, actuated + 1).clone()
+            if tendons:
+                self.actuated_tendon_indices = torch.arange(1, tendons + 1, device=device)
+                self.tendon_lower_limits = torch.full((n, tendons), -0.02, device=device)
+                self.tendon_upper_limits = torch.full((n, tendons), 0.03, device=device)
 
     def _uniform(self, shape: tuple[int, ...], low: float, high: float) -> Tensor:
         return low + (high - low) * torch.rand(shape, generator=self._gen, device=self.device)
@@ -174,11 +187,18 @@ class StandInIsaacLabEnv:
             term = self.action_manager.get_term("joint_pos")
             self.processed_actions = self.raw_actions * term._scale + term._offset
         else:
+            k = len(self.actuated_dof_indices)
             low = self.hand_dof_lower_limits[:, self.actuated_dof_indices]
             high = self.hand_dof_upper_limits[:, self.actuated_dof_indices]
-            target = 0.5 * (self.raw_actions + 1.0) * (high - low) + low  # Isaac Lab's `scale`
+            target = 0.5 * (self.raw_actions[:, :k] + 1.0) * (high - low) + low  # Isaac Lab's `scale`
             m = self.cfg.act_moving_average
-            self.processed_actions = m * target + (1.0 - m) * self.processed_actions
+            processed = self.processed_actions.clone()
+            processed[:, :k] = m * target + (1.0 - m) * self.processed_actions[:, :k]
+            if k < self.dim:  # tendon targets: unscale_transform, clamped (saturate), no moving average
+                t_low, t_high = self.tendon_lower_limits, self.tendon_upper_limits
+                tendon = 0.5 * (self.raw_actions[:, k:] + 1.0) * (t_high - t_low) + t_low
+                processed[:, k:] = torch.minimum(torch.maximum(tendon, t_low), t_high)
+            self.processed_actions = processed
         before = (self.target - self.pos).norm(dim=-1)
         self.vel = 0.9 * self.vel + self.processed_actions * self.step_dt * 10.0
         self.pos = self.pos + self.vel * self.step_dt * 10.0

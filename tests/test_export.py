@@ -366,6 +366,6 @@ def test_isaaclab_deploy_facts_carry_the_action_terms_map(workflow: str) -> None
     actions = torch.tensor([[-2.0, 0.3, 0.9]]).expand(4, 3)
     env.step(td.set("action", actions))
     command = torch.tensor(facts["offset"]) + torch.tensor(facts["scale"]) * actions.clamp(-1, 1)
-    m = facts["moving_average"] or 1.0
+    m = torch.tensor(facts["moving_average"] or [1.0] * 3)  # per action dimension
     torch.testing.assert_close(gym_env.unwrapped.processed_actions, m * command)  # previous target was 0
     assert facts["map_known"] and (facts["moving_average"] is None) == (workflow == "manager")

@@ -4,8 +4,10 @@ truncations; the 2.x <-> 3.0 id table and task configs; the launcher's errors wi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+import types
 import warnings
 
 import pytest
@@ -17,6 +19,7 @@ from torchrl.envs import check_env_specs
 
 import fasttd3_lora.tasks.isaaclab as isaaclab
 from fasttd3_lora.config import compose_config, group_options
+from fasttd3_lora.envs import env_deploy_facts
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv, IsaacLabUnavailable, detect_isaaclab, make_isaaclab_env
 from fasttd3_lora.tasks.isaaclab_names import TASKS, list_isaaclab_tasks, lookup_isaaclab_task
 
@@ -222,7 +225,8 @@ def test_actions_are_clipped_and_the_reported_map_is_the_action_terms(values: li
     env.step(td.set("action", action))
     clipped = action.clamp(-1.0, 1.0)
     torch.testing.assert_close(raw.raw_actions, clipped, rtol=0, atol=0)
-    assert env.action_map_known and env.action_moving_average == (None if workflow == "manager" else 1.0)
+    average = env.action_moving_average
+    assert env.action_map_known and (average is None if workflow == "manager" else torch.equal(average, torch.ones(DIM)))
     torch.testing.assert_close(raw.processed_actions, env.action_offset + env.action_scale * clipped)
     assert not torch.equal(env.action_offset, torch.zeros(DIM))  # a real offset, not the identity map
 
@@ -234,7 +238,7 @@ def test_action_map_unknown_when_it_differs_between_envs_and_moving_average_repo
     assert not env.action_map_known
     assert torch.equal(env.action_scale, torch.ones(DIM)) and torch.equal(env.action_offset, torch.zeros(DIM))
     env, _ = make(num_envs=8, workflow="direct", act_moving_average=0.3)
-    assert env.action_map_known and env.action_moving_average == pytest.approx(0.3)
+    assert env.action_map_known and torch.equal(env.action_moving_average, torch.full((DIM,), 0.3))
     torch.testing.assert_close(env.action_offset - env.action_scale, -1.0 - 0.1 * torch.arange(1, DIM + 1))
 
 
@@ -362,3 +366,122 @@ def test_close_closes_the_env_then_the_simulator() -> None:
     assert calls == [True] and env.is_closed
     with pytest.raises(RuntimeError, match="already closed"):
         env.close()
+
+
+# --------------------------------------------------- Isaac Lab 3.0: the Shadow hand's tendons, the launcher
+
+
+def test_a_3_0_shadow_hand_maps_and_names_its_tendons() -> None:
+    """Isaac Lab 3.0's Shadow hand: 16 joint actions then 4 tendon actions (20 in all)."""
+    gym_env = standin.make_standin(8, 20, workflow="direct", tendons=4, act_moving_average=0.3)
+    env = IsaacLabEnv(gym_env, task="Isaac-Repose-Cube-Shadow-Direct-v0")
+    raw = gym_env.unwrapped
+    assert env.joint_names == [f"joint_{i}" for i in range(16)] + [f"tendon_{j}" for j in range(4)]
+    assert env.action_map_known
+    torch.testing.assert_close(env.action_moving_average, torch.cat([torch.full((16,), 0.3), torch.ones(4)]))
+    td = env.reset()
+    action = 2 * torch.rand(8, 20, generator=torch.Generator().manual_seed(1)) - 1
+    env.step(td.set("action", action))
+    # first step from a zero target: joints move m of the way, tendons all of it (no moving average)
+    command = env.action_offset + env.action_scale * action
+    torch.testing.assert_close(raw.processed_actions[:, 16:], command[:, 16:])
+    torch.testing.assert_close(raw.processed_actions[:, :16], 0.3 * command[:, :16])
+    facts = env_deploy_facts(env)["action"]
+    assert len(facts["joint_names"]) == 20 and facts["moving_average"][-4:] == [1.0] * 4
+
+
+class FakeIsaacLab30:
+    """The part of Isaac Lab 3.0's API the launcher calls, as checked on the 3.0.0 wheel: task configs resolve
+    before launch with `parse_env_cfg(id, device=, num_envs=, overrides=["physics=<preset>"])` (an unknown preset
+    is a ValueError), `launch_simulation(cfg, launcher_args)` is a context manager that exits the process
+    (SystemExit(1), after logging) when the config needs Isaac Sim and none is installed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, launch_exits: bool = False, env_factory=None) -> None:
+        self.calls: dict[str, object] = {}
+        self.launch_closed = False
+        self.env_closed = False
+        fake = self
+
+        @contextlib.contextmanager
+        def launch_simulation(cfg, launcher_args):
+            fake.calls["launch"] = dict(launcher_args)
+            if launch_exits:
+                raise SystemExit(1)
+            try:
+                yield None
+            finally:
+                fake.launch_closed = True
+
+        def parse_env_cfg(task_name, device=None, num_envs=None, use_fabric=None, overrides=()):
+            fake.calls["parse"] = (task_name, device, num_envs, list(overrides))
+            if any(o.split("=", 1)[1] not in ("isaacsim_physx", "newton_mjwarp") for o in overrides):
+                raise ValueError(f"Unknown preset(s): {overrides[0].split('=', 1)[1]}")
+            return types.SimpleNamespace(seed=None, compute_final_obs=False)
+
+        def make(gym_id, cfg):
+            fake.calls["make"] = (gym_id, cfg)
+            env = (env_factory or (lambda: standin.make_standin(8, 3, final_obs=True)))()
+            close = env.close
+
+            def closing():
+                fake.env_closed = True
+                close()
+
+            env.close = closing
+            return env
+
+        modules = {"isaaclab": types.ModuleType("isaaclab"), "isaaclab.app": types.ModuleType("isaaclab.app"),
+                   "isaaclab_tasks": types.ModuleType("isaaclab_tasks"),
+                   "isaaclab_tasks.utils": types.ModuleType("isaaclab_tasks.utils"),
+                   "gymnasium": types.ModuleType("gymnasium")}  # fmt: skip
+        modules["isaaclab.app"].launch_simulation = launch_simulation
+        modules["isaaclab_tasks.utils"].parse_env_cfg = parse_env_cfg
+        modules["gymnasium"].make = make
+        for name, module in modules.items():
+            monkeypatch.setitem(sys.modules, name, module)
+        monkeypatch.setattr(isaaclab, "detect_isaaclab", lambda: "3.0")
+
+
+def test_3_0_physics_is_the_tasks_preset_not_a_launcher_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeIsaacLab30(monkeypatch)
+    env = make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 5, "cpu", physics="newton_mjwarp")
+    assert fake.calls["parse"] == ("Isaac-Velocity-Rough-G1", "cpu", 8, ["physics=newton_mjwarp"])
+    assert "physics" not in fake.calls["launch"] and fake.calls["launch"]["device"] == "cpu"
+    cfg = fake.calls["make"][1]
+    assert cfg.seed == 5 and cfg.compute_final_obs is True
+    env.close()
+    assert fake.env_closed and fake.launch_closed
+    make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 5, "cpu").close()  # default: the paper's PhysX
+    assert fake.calls["parse"][3] == ["physics=isaacsim_physx"]
+    with pytest.raises(ValueError, match=r"^physics=ovphysx: Isaac-Velocity-Rough-G1 has no such preset \(Unknown"):
+        make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 5, "cpu", physics="ovphysx")
+
+
+def test_3_0_without_isaac_sim_is_one_line_naming_what_runs_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeIsaacLab30(monkeypatch, launch_exits=True)
+    with pytest.raises(IsaacLabUnavailable) as err:
+        make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 0, "cpu")
+    message = str(err.value)
+    assert "\n" not in message and "could not start physics=isaacsim_physx (exit status 1)" in message
+    assert "need Isaac Sim" in message and "task.physics=newton_mjwarp runs without it" in message
+
+
+def test_a_wrapper_that_cannot_be_built_closes_the_env_and_the_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = lambda: standin.make_standin(8, 3, workflow="direct", tendons=1)  # noqa: E731
+    fake = FakeIsaacLab30(monkeypatch, env_factory=broken)
+    monkeypatch.setattr(isaaclab, "_joint_names", lambda unwrapped: 1 / 0)  # any failure while wrapping
+    with pytest.raises(ZeroDivisionError):
+        make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 0, "cpu")
+    assert fake.env_closed and fake.launch_closed
+
+
+def test_the_app_reports_a_missing_isaac_sim_in_one_line_with_exit_2(monkeypatch, tmp_path, capsys) -> None:
+    from fasttd3_lora import train as train_mod
+
+    FakeIsaacLab30(monkeypatch, launch_exits=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        train_mod.main(["task=Isaac-Velocity-Rough-G1-v0", "device=cpu", "threads=1"])
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("fasttd3-train: Isaac-Velocity-Rough-G1-v0: Isaac Lab 3.0 could not start")
