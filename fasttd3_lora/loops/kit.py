@@ -147,8 +147,10 @@ def evaluate(agent: Agent, env: EnvBase, seed: int) -> tuple[float, float]:
     while bool(running.any()):
         td.set("action", agent.act(td["observation"], deterministic=True).to(env.device))
         td, next_td = env.step_and_maybe_reset(td)
-        returns += td["next", "reward"][:, 0] * running
-        running &= ~td["next", "done"][:, 0]
+        # squeeze / logical_not rather than [:, 0] / ~: the same, and ops that PyTorch's fake tensors run on a
+        # claimed cuda device, so tests/test_devices.py can check that nothing here lives on the host
+        returns += td["next", "reward"].squeeze(-1) * running
+        running &= td["next", "done"].squeeze(-1).logical_not()
         td = next_td
     return returns.mean().item(), returns.std(correction=0).item()
 
