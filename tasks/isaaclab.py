@@ -326,6 +326,16 @@ class IsaacLabEnv(EnvBase):
             device=self.device,
         )
 
+    def randomize_episode_starts(self, seed: int) -> None:
+        """FastTD3's `random_start_init`: every env's episode clock (`episode_length_buf`) jumps to a random step in
+        [0, max_episode_length), drawn from `seed`, so the first time-outs spread over an episode instead of all
+        envs timing out together (and restarting together ever after). Call right after a full reset."""
+        unwrapped = self._env.unwrapped
+        buf = unwrapped.episode_length_buf
+        generator = torch.Generator(device=buf.device).manual_seed(int(seed))
+        unwrapped.episode_length_buf = torch.randint(0, self.max_episode_steps, buf.shape, generator=generator,
+                                                     device=buf.device, dtype=buf.dtype)  # fmt: skip
+
     def _set_seed(self, seed: int | None) -> None:
         """Isaac Lab's `seed` seeds its global generators; the task config's seed (set at creation) governs the
         scene, so this only matters for what is drawn from now on."""

@@ -485,3 +485,19 @@ def test_the_app_reports_a_missing_isaac_sim_in_one_line_with_exit_2(monkeypatch
     assert info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("fasttd3-train: Isaac-Velocity-Rough-G1-v0: Isaac Lab 3.0 could not start")
+
+
+def test_episode_starts_are_spread_so_envs_do_not_time_out_together() -> None:
+    from fasttd3_lora.loops.kit import start_episodes
+
+    env, raw = make(num_envs=64, max_episode_length=40, termination_prob=0.0, bound=1e9)
+    start_episodes(env, seed=3, env_step=0)
+    clocks = raw.episode_length_buf.clone()
+    assert clocks.min() >= 0 and clocks.max() < 40 and len(clocks.unique()) > 20  # spread over the episode
+    td = start_episodes(env, seed=3, env_step=0)
+    assert torch.equal(raw.episode_length_buf, clocks)  # the same seed and step: the same clocks (exact resume)
+    first_timeouts = []
+    for _ in range(40):
+        data, td = env.step_and_maybe_reset(td.set("action", torch.zeros(64, DIM)))
+        first_timeouts.append(int(data["next", "truncated"].sum()))
+    assert max(first_timeouts) < 8 and sum(first_timeouts) == 64  # each env times out once, a few at a time

@@ -132,9 +132,15 @@ def seed_everything(seed: int) -> None:
 
 
 def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
-    """Reset every env from the seed of this step; returns the reset TensorDict (first observations)."""
-    env.set_seed(episode_seed(seed, env_step, stream=0))
-    return env.reset()
+    """Reset every env from the seed of this step; returns the reset TensorDict (first observations). An env that
+    can spread its episodes' clocks (Isaac Lab: FastTD3's random start) does so, from the same seed, so thousands
+    of envs do not time out together and a resumed run restarts them the same way."""
+    step_seed = episode_seed(seed, env_step, stream=0)
+    env.set_seed(step_seed)
+    td = env.reset()
+    if hasattr(env, "randomize_episode_starts"):
+        env.randomize_episode_starts(step_seed)
+    return td
 
 
 @torch.no_grad()
