@@ -475,16 +475,18 @@ def test_a_wrapper_that_cannot_be_built_closes_the_env_and_the_simulation(monkey
     assert fake.env_closed and fake.launch_closed
 
 
-def test_the_app_reports_a_missing_isaac_sim_in_one_line_with_exit_2(monkeypatch, tmp_path, capsys) -> None:
-    from fasttd3_lora import train as train_mod
+def test_the_app_turns_a_missing_isaac_sim_into_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the app prints before exiting with code 2 (the env builder's ConfigError; Hydra's job is not run
+    in-process: it configures logging process-wide)."""
+    from fasttd3_lora.checks import ConfigError
+    from fasttd3_lora.envs import EnvRequest, make_envs
 
     FakeIsaacLab30(monkeypatch, launch_exits=True)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as info:
-        train_mod.main(["task=Isaac-Velocity-Rough-G1-v0", "device=cpu", "threads=1"])
-    assert info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("fasttd3-train: Isaac-Velocity-Rough-G1-v0: Isaac Lab 3.0 could not start")
+    task = compose_config(["task=Isaac-Velocity-Rough-G1-v0", "device=cpu"]).task
+    with pytest.raises(ConfigError) as err:
+        make_envs(EnvRequest(task, 8, 1, 0, "cpu", 1))
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("Isaac-Velocity-Rough-G1-v0: Isaac Lab 3.0 could not start physics=isaacsim_physx")
 
 
 def test_episode_starts_are_spread_so_envs_do_not_time_out_together() -> None:
