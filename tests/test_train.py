@@ -390,8 +390,11 @@ def test_resume_reuses_the_run_dir_and_its_overrides(tmp_path: Path) -> None:
     kept = [o for o in TINY if o != "total_env_steps=300"]
     assert argv[:-1] == [*kept, f"resume={run_dir}", "total_env_steps=800"]
     assert argv[-1] == f"hydra.run.dir='{run_dir.resolve()}'"
-    with pytest.raises(ConfigError, match=r"^critic\.rank=16: a resumed run must keep the checkpoint's value 8"):
+    # critic.alpha follows critic.rank, so the first key that differs (in sorted order) is the alpha
+    with pytest.raises(ConfigError, match=r"^critic\.alpha=16: a resumed run must keep the checkpoint's value 8"):
         prepare_command_line([f"resume={run_dir}", "critic.rank=16"])
+    with pytest.raises(ConfigError, match=r"^critic\.rank=16: a resumed run must keep the checkpoint's value 8"):
+        prepare_command_line([f"resume={run_dir}", "critic.rank=16", "critic.alpha=8"])
     with pytest.raises(ConfigError, match="not allowed with --multirun"):
         prepare_command_line(["-m", f"resume={run_dir}"])
 
