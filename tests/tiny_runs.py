@@ -23,27 +23,25 @@ class Crash(BaseException):
     """A process dying mid-run (SIGKILL-like: no `except Exception` sees it, so no status.json is written)."""
 
 
+def _crash_after(monkeypatch: pytest.MonkeyPatch, owner: type, name: str, env_step: int, step_of) -> None:  # noqa: ANN001
+    """Make `owner.name` raise `Crash` right after the call whose env step (`step_of(args)`) is `env_step`."""
+    original = getattr(owner, name)
+
+    def dying(self, *args):  # noqa: ANN001, ANN202
+        original(self, *args)
+        if step_of(args) == env_step:
+            raise Crash
+
+    monkeypatch.setattr(owner, name, dying)
+
+
 def crash_at(monkeypatch: pytest.MonkeyPatch, env_step: int) -> None:
     """Make the next training run raise `Crash` once it has logged the updates of `env_step`; `monkeypatch.undo()`
     (or the fixture's teardown) restores the real logger."""
-    add = UpdateMetrics.add
-
-    def dying_add(self, updates, step, num_updates):  # noqa: ANN001
-        add(self, updates, step, num_updates)
-        if step == env_step:
-            raise Crash
-
-    monkeypatch.setattr(UpdateMetrics, "add", dying_add)
+    _crash_after(monkeypatch, UpdateMetrics, "add", env_step, lambda args: args[1])  # add(updates, env_step, n)
 
 
 def crash_after_log(monkeypatch: pytest.MonkeyPatch, env_step: int) -> None:
     """Make the next training run raise `Crash` right after it has written the metrics row of `env_step` (the
     moment a SIGKILL leaves rows on disk that the resumed run will log again)."""
-    log = RunLogger.log
-
-    def dying_log(self, step, wall_time, metrics):  # noqa: ANN001
-        log(self, step, wall_time, metrics)
-        if step == env_step:
-            raise Crash
-
-    monkeypatch.setattr(RunLogger, "log", dying_log)
+    _crash_after(monkeypatch, RunLogger, "log", env_step, lambda args: args[0])  # log(env_step, wall_time, row)
