@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from omegaconf import DictConfig
 
-from fasttd3_lora.checks import ConfigError, boolean, choice, int_in, number_in, positive
+from fasttd3_lora.checks import ConfigError, choice, int_in, number_in, positive
 from fasttd3_lora.networks import CriticSettings
 from fasttd3_lora.precision import choose_precision
 

@@ -36,7 +36,7 @@ from fasttd3_lora.export import (  # noqa: E402
     sample_observations,
     verify_onnx,
 )
-from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor  # noqa: E402
+from fasttd3_lora.networks import DeterministicActor  # noqa: E402
 from fasttd3_lora.normalization import RunningMeanStd  # noqa: E402
 from fasttd3_lora.tasks.dmc import DMCEnv  # noqa: E402
 from fasttd3_lora.envs import env_deploy_facts  # noqa: E402

@@ -4,9 +4,7 @@ LR changes, config mapping with task-family overrides, and a learning smoke test
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import math
 
 import pytest
 import torch
