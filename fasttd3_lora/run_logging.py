@@ -146,7 +146,10 @@ class Progress:
     (a log file, a CI job, `nohup`), every `interval_s` seconds and after each evaluation.
 
     SPS is measured here, over the last `interval_s` (2 s for the bar), so it includes evaluation and checkpoint
-    time and the ETA is what the run will really take. `clock` is for tests."""
+    time. The ETA of the log lines is the learning phase's own rate, measured from `learning_from` (the env step
+    where updates start) over the whole phase so far: a random warm-up runs ~50x faster than learning, and a rate
+    over the last interval swings with every evaluation. Before the phase it says "after warm-up". `clock` is for
+    tests."""
 
     BAR_INTERVAL_S = 2.0
 
@@ -157,11 +160,15 @@ class Progress:
         *,
         stream: IO[str] | None = None,
         interval_s: float = 30.0,
+        learning_from: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total, self.stream, self.clock = total, stream or sys.stdout, clock
         self.env_step, self.sps, self.eval_return = initial, math.nan, None
         self._mark_step, self._mark_time, self._line_step = initial, clock(), None
+        self.learning_from = learning_from
+        # (env step, time) where the learning phase's rate is measured from; None during the warm-up
+        self._phase: tuple[int, float] | None = (initial, self._mark_time) if initial >= learning_from else None
         is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval_s = min(interval_s, self.BAR_INTERVAL_S) if is_tty else interval_s
         self.bar = (
@@ -177,6 +184,8 @@ class Progress:
         if eval_return is not None:
             self.eval_return = eval_return
         now = self.clock()
+        if self._phase is None and env_step >= self.learning_from:
+            self._phase = (env_step, now)
         if now - self._mark_time >= self.interval_s:
             self.sps = (env_step - self._mark_step) / (now - self._mark_time)
             self._mark_step, self._mark_time = env_step, now
@@ -192,12 +201,20 @@ class Progress:
 
     def _line(self, env_step: int) -> None:
         self._line_step = env_step
-        eta = (self.total - env_step) / self.sps if self.sps > 0 else math.nan
         sps = "? SPS" if math.isnan(self.sps) else f"{self.sps:.0f} SPS"  # nothing measured yet (a resumed eval)
-        text = f"env_step {env_step}/{self.total} ({100.0 * env_step / self.total:.1f}%) | {sps} | ETA {format_duration(eta)}"
+        text = f"env_step {env_step}/{self.total} ({100.0 * env_step / self.total:.1f}%) | {sps} | ETA {self._eta(env_step)}"
         if self.eval_return is not None:
             text += f" | eval return {self.eval_return:.1f}"
         print(text, file=self.stream, flush=True)
+
+    def _eta(self, env_step: int) -> str:
+        if self._phase is None:
+            return "after warm-up"
+        start_step, start_time = self._phase
+        elapsed = self.clock() - start_time
+        if env_step <= start_step or elapsed <= 0:
+            return "?"
+        return format_duration((self.total - env_step) * elapsed / (env_step - start_step))
 
     def write(self, message: str) -> None:
         """A message that does not tear the bar."""

@@ -454,6 +454,27 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() -> None:
     assert "\r" in text and "500/1.00k" in text and "SPS=50" in text and "eval=3.0" in text
 
 
+def test_the_eta_is_the_learning_phases_rate_not_the_warm_ups() -> None:
+    """`make train`'s case: 10k random env steps at ~300/s, then learning at ~5/s. The ETA says so during the
+    warm-up, then extrapolates the learning phase alone, and does not swing with each evaluation."""
+    now, lines = [0.0], io.StringIO()
+    progress = Progress(1_000_000, 0, stream=lines, interval_s=30, learning_from=10_000, clock=lambda: now[0])
+    for t, step in ((30.0, 9_000), (33.4, 10_000), (63.4, 10_150), (93.4, 10_300), (123.4, 10_380), (153.4, 10_600)):
+        now[0] = t
+        progress.update(step)
+    etas = [line.split("| ETA ")[1] for line in lines.getvalue().splitlines()]
+    assert etas[0] == "after warm-up"
+    hours = [sum(int(x) * 60**k for k, x in enumerate(reversed(e.split(":")))) / 3600 for e in etas[1:]]
+    # learning ran 600 env steps in 120 s (5/s): ~55 h for the 989,400 left; never the warm-up's ~1 h
+    assert hours[-1] == pytest.approx(989_400 / 5 / 3600, rel=0.01)
+    assert min(hours) > 40 and max(hours) / min(hours) < 2  # one evaluation's slow interval does not swing it
+    now[0], resumed = 0.0, io.StringIO()
+    after = Progress(1_000_000, 500_000, stream=resumed, interval_s=30, learning_from=10_000, clock=lambda: now[0])
+    now[0] = 30.0
+    after.update(500_150)  # a resumed run is in its learning phase from the start
+    assert resumed.getvalue().endswith("| ETA 27:46:10\n")  # 499,850 left at 5 per s
+
+
 def test_wandb_offline_writes_a_local_run_and_touches_no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every HTTP(S) request not to localhost would go through this "proxy": it counts connections.
     server = socket.socket()

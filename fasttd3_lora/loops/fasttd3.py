@@ -117,7 +117,8 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
         if resume is not None:  # a multi-process resume refills its buffers (checkpoints hold none)
             counters, updates_from = restore(resume, agent, replay if world == 1 else None, generator,
                                              fcfg.learning_starts)  # fmt: skip
-        record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None, lead=lead)
+        record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None,
+                           learning_from=updates_from * env_steps_per_agent_step, lead=lead)  # fmt: skip
         del resume
         record.announce(f"{cfg.task.name}, fasttd3 with a {cfg.critic.kind} critic, {num_envs} envs x {world} "
                         "process(es)")  # fmt: skip

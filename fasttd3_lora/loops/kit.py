@@ -302,7 +302,8 @@ class _Silent:
 
 class RunRecord:
     """What a loop writes into its run directory: config.yaml, metric rows (metrics.csv, TensorBoard, wandb), the
-    progress display, the run's wall time over all resumes, and checkpoints. `lead=False` (DDP ranks > 0) writes
+    progress display (its ETA from `learning_from`, the env step where updates start), the run's wall time over
+    all resumes, and checkpoints. `lead=False` (DDP ranks > 0) writes
     nothing and shows nothing, but builds the same checkpoint states (so every rank continues from them)."""
 
     def __init__(
@@ -315,6 +316,7 @@ class RunRecord:
         counters: Counters,
         *,
         resumed: bool,
+        learning_from: int = 0,
         lead: bool = True,
     ) -> None:
         self.run_dir, self.resolved, self.overrides = Path(run_dir), resolved, list(overrides)
@@ -327,7 +329,7 @@ class RunRecord:
             wandb = OmegaConf.to_container(cfg.wandb) if cfg.logger == "wandb" else None
             self.logger = RunLogger(self.run_dir, config=resolved, wandb=wandb,
                                     resumed_at=counters.env_step if resumed else None)  # fmt: skip
-            self.progress = Progress(cfg.total_env_steps, counters.env_step)
+            self.progress = Progress(cfg.total_env_steps, counters.env_step, learning_from=learning_from)
         stack.callback(self.logger.close)
         stack.callback(self.progress.close)
         self.progress.update(counters.env_step, eval_return=counters.last_eval_return)

@@ -74,7 +74,8 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
         counters, updates_from = Counters(), algo.learning_starts
         if resume is not None:
             counters, updates_from = restore(resume, agent, replay, generator, algo.learning_starts)
-        record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None)
+        record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None,
+                           learning_from=updates_from * env_steps_per_agent_step)  # fmt: skip
         del resume  # the buffer now lives in `replay`: free the loaded copy
         record.announce(f"{cfg.task.name}, sac with a {cfg.critic.kind} critic")
 
