@@ -2,9 +2,9 @@
 the critic's (`CriticSettings`), built once from the composed Hydra config and handed to the loop.
 
 A subclass declares `name` (its `algo.name`) and its fields; `from_hydra` maps `cfg.algo` onto them by field
-name and type (no hand-written list), `hydra_values` is the hook for what a family or the task adds, and
-`check_hydra` states the user-facing ranges as one-line `ConfigError`s (`algo.tau=0: allowed a number in (0.0,
-1.0]`) before building the config, whose own `__post_init__` guards programmatic use.
+name and type (no hand-written list), `hydra_values` is the hook for what a family or the task adds,
+`check_keys` states the user-facing ranges as one-line `ConfigError`s (`algo.tau=0: allowed a number in (0.0,
+1.0]`), and `check_hydra` runs them before building the config, whose own `__post_init__` guards programmatic use.
 """
 
 from __future__ import annotations
@@ -98,6 +98,15 @@ class AlgorithmConfig(CriticSettings):
     @classmethod
     def check_hydra(cls, cfg: DictConfig) -> "AlgorithmConfig":
         """Check the algo keys of a composed config in one line each (`ConfigError`), then build the config."""
+        cls.check_keys(cfg)
+        try:
+            return cls.from_hydra(cfg)
+        except ValueError as err:  # what only the built config can tell (a family's values, field relations)
+            raise ConfigError(str(err)) from None
+
+    @classmethod
+    def check_keys(cls, cfg: DictConfig) -> None:
+        """The user-facing range of every shared algo key; subclasses add theirs after `super().check_keys`."""
         for key in ("num_envs", "action_repeat", "updates_per_step", "batch_size", "buffer_size", "num_atoms",
                     "actor_hidden_dim", "actor_num_blocks"):  # fmt: skip
             int_in(cfg, f"algo.{key}", 2 if key == "num_atoms" else 1)
@@ -111,10 +120,6 @@ class AlgorithmConfig(CriticSettings):
             raise ConfigError(f"algo.v_max={v_max!r}: allowed a number > algo.v_min ({v_min!r})")
         choice(cfg, "algo.num_critics", (1, 2))
         number_in(cfg, "algo.lora_weight_decay", 0.0, _INF, lo_open=False, hi_open=True)
-        try:
-            return cls.from_hydra(cfg)
-        except ValueError as err:  # what only the built config can tell (a family's values, field relations)
-            raise ConfigError(str(err)) from None
 
 
 def _cast(annotation: str, value: Any) -> Any:

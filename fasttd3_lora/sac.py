@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
 from fasttd3_lora.algo_config import AlgorithmConfig
-from fasttd3_lora.checks import ConfigError, boolean, get, int_in, number_in, positive
+from fasttd3_lora.checks import ConfigError, boolean, get, number_in, positive
 from fasttd3_lora.distributional import (
     categorical_loss,
     categorical_projection,
@@ -95,8 +95,9 @@ class SACConfig(AlgorithmConfig):
         return values
 
     @classmethod
-    def check_hydra(cls, cfg: DictConfig) -> "SACConfig":
-        batch, buffer = int_in(cfg, "algo.batch_size", 1), int_in(cfg, "algo.buffer_size", 1)
+    def check_keys(cls, cfg: DictConfig) -> None:
+        super().check_keys(cfg)
+        batch, buffer = cfg.algo.batch_size, cfg.algo.buffer_size
         if batch > buffer:  # SAC's buffer counts transitions; FastTD3's counts steps per env
             raise ConfigError(f"algo.batch_size={batch}: allowed at most algo.buffer_size ({buffer})")
         positive(cfg, "algo.temperature_init")
@@ -104,7 +105,6 @@ class SACConfig(AlgorithmConfig):
         if get(cfg, "algo.discount") is not None:
             number_in(cfg, "algo.discount", 0.0, 1.0, lo_open=False, hi_open=True)
         boolean(cfg, "algo.compile")
-        return super().check_hydra(cfg)
 
 
 def linear_lr_factor(step: int, total: int, lr_init: float, lr_final: float) -> float:
