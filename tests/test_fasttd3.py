@@ -438,3 +438,18 @@ def test_config_errors_are_one_line_and_name_the_value() -> None:
             make_cfg(**bad)
     with pytest.raises(ValueError, match="only apply to critic_kind 'lora'"):
         make_cfg("simbav2", lora_rank=4)
+
+
+def test_the_family_keys_are_exactly_the_algo_keys_a_family_can_set() -> None:
+    """upgrade_saved pins FAMILY_KEYS for old runs: they must be the keys configs/algo/fasttd3.yaml reads from
+    task.fasttd3."""
+    from omegaconf import OmegaConf
+
+    from fasttd3_lora.config import config_dir
+    from fasttd3_lora.fasttd3 import FAMILY_KEYS
+
+    raw = OmegaConf.to_container(OmegaConf.load(config_dir() / "algo" / "fasttd3.yaml"), resolve=False)
+    interpolated = {k for k, v in raw.items() if isinstance(v, str) and v.startswith("${oc.select:task.fasttd3.")}
+    assert interpolated == set(FAMILY_KEYS)
+    assert all(raw[k] == f"${{oc.select:task.fasttd3.{k},{raw[k].split(',')[1]}" for k in FAMILY_KEYS)
+
