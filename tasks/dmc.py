@@ -30,15 +30,16 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from dm_control import suite
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from fasttd3_lora.tasks.dmc_families import ALL_TASKS
 from fasttd3_lora.tasks.dmc_slice import DMCSlice, result_views, slice_bounds
 from fasttd3_lora.tasks.vector_workers import LocalPool, ProcessPool
 
@@ -47,14 +48,17 @@ _METHODS = ("step", "reset", "seed")
 _MAX_SEED = 2**32  # dm_control seeds a numpy RandomState, which takes seeds in [0, 2**32)
 
 
+BACKENDS = ("dm_control", "envpool")
+
+
 def list_dmc_tasks() -> list[str]:
-    """Every task of `dm_control.suite.ALL_TASKS` as ``dmc/<domain>-<task>``."""
-    return [f"{PREFIX}{domain}-{task}" for domain, task in suite.ALL_TASKS]
+    """Every task of `dm_control.suite.ALL_TASKS` and of `dmc_families.EXTRA_TASKS` as ``dmc/<domain>-<task>``."""
+    return [f"{PREFIX}{domain}-{task}" for domain, task in ALL_TASKS]
 
 
 def parse_dmc_task(name: str) -> tuple[str, str]:
     """``"dmc/ball_in_cup-catch"`` -> ``("ball_in_cup", "catch")``; unknown names list close matches."""
-    known = {f"{PREFIX}{domain}-{task}": (domain, task) for domain, task in suite.ALL_TASKS}
+    known = {f"{PREFIX}{domain}-{task}": (domain, task) for domain, task in ALL_TASKS}
     if name in known:
         return known[name]
     bare = [k.removeprefix(PREFIX) for k in known]
@@ -73,18 +77,23 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 
 class DMCEnv(EnvBase):
-    """`num_envs` envs of one DMC task as a batched TorchRL env (see the module docstring for the contract).
+    """`num_envs` envs of one DMC task (or of several tasks of one embodiment) as a batched TorchRL env (see the
+    module docstring for the contract).
 
-    `seed=None` draws the base seed from torch's global generator (so ``torch.manual_seed`` makes runs
-    reproducible). `num_workers=None` means one worker per CPU core, at most one per env, and none (in-process)
-    for a single env; workers pay only when each has several expensive steps per batch step (measured on 2 vCPUs:
-    humanoid N = 8 gains 1.2x over ``num_workers=0``, cheetah loses at every N; docs/env_throughput.md).
-    `timeout_s` bounds the wait for any worker reply.
+    `task` is a name, or a sequence of names that split the envs evenly in order (env i runs
+    ``tasks[i // (num_envs / len(tasks))]``; `task_ids` gives each env's index into `task_names`, None for one
+    task). `seed=None` draws the base seed from torch's global generator (so ``torch.manual_seed`` makes runs
+    reproducible). `backend="dm_control"` steps dm_control's Python envs: `num_workers=None` means one worker per
+    CPU core, at most one per env, and none (in-process) for a single env; workers pay only when each has several
+    expensive steps per batch step (measured on 2 vCPUs: humanoid N = 8 gains 1.2x over ``num_workers=0``, cheetah
+    loses at every N; docs/env_throughput.md). `backend="envpool"` steps EnvPool's C++ port of the same tasks
+    (`fasttd3_lora.tasks.dmc_envpool`; `num_workers` is then its thread count). `timeout_s` bounds the wait for
+    any worker reply.
     """
 
     def __init__(
         self,
-        task: str,
+        task: str | Sequence[str],
         num_envs: int = 1,
         *,
         action_repeat: int = 1,
@@ -92,38 +101,58 @@ class DMCEnv(EnvBase):
         max_episode_steps: int | None = None,
         num_workers: int | None = None,
         timeout_s: float = 120.0,
+        backend: str = "dm_control",
     ) -> None:
-        domain, task_name = parse_dmc_task(task)
+        names = (task,) if isinstance(task, str) else tuple(task)
+        if not names:
+            raise ValueError("task must be a DMC task name or a non-empty sequence of them")
+        parsed = [parse_dmc_task(name) for name in names]
         num_envs = _check_int("num_envs", num_envs, 1)
+        if num_envs % len(names):
+            raise ValueError(f"num_envs={num_envs} must be a multiple of the {len(names)} tasks")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: allowed one of {', '.join(BACKENDS)}")
         action_repeat = _check_int("action_repeat", action_repeat, 1)
         if max_episode_steps is not None:
             max_episode_steps = _check_int("max_episode_steps", max_episode_steps, 1)
         if num_workers is None:
-            num_workers = 0 if num_envs == 1 else min(num_envs, os.cpu_count() or 1)
+            num_workers = 0 if num_envs == 1 and backend == "dm_control" else min(num_envs, os.cpu_count() or 1)
         num_workers = _check_int("num_workers", num_workers, 0, num_envs)
         if seed is None:
             seed = int(torch.randint(0, _MAX_SEED, ()).item())
         seed = _check_int("seed", seed, 0, _MAX_SEED - 1)
         super().__init__(batch_size=torch.Size([num_envs]), device="cpu")
 
-        self.task_name = task
+        self.task_name = names[0] if len(names) == 1 else ",".join(names)
+        self.task_names = names
+        per_task = num_envs // len(names)
+        self.task_ids = None if len(names) == 1 else torch.arange(num_envs) // per_task
+        env_tasks = [parsed[i // per_task] for i in range(num_envs)]
         self.num_envs = num_envs
         self.action_repeat = action_repeat
         self.base_seed = seed
-        self._bounds = slice_bounds(num_envs, max(num_workers, 1))
-        factories = [
-            functools.partial(DMCSlice, domain, task_name, seed, lo, hi - lo, action_repeat, max_episode_steps)
-            for lo, hi in self._bounds
-        ]
-        if num_workers == 0:
-            self._pool: LocalPool | ProcessPool = LocalPool(factories, methods=_METHODS, name=task)
+        self.backend = backend
+        if backend == "envpool":
+            from fasttd3_lora.tasks.dmc_envpool import EnvPoolBatch
+
+            self._bounds = slice_bounds(num_envs, 1)
+            self._pool: LocalPool | ProcessPool | EnvPoolBatch = EnvPoolBatch(
+                env_tasks, seed, action_repeat, max_episode_steps, num_threads=max(num_workers, 1))
         else:
-            self._pool = ProcessPool(factories, methods=_METHODS, name=task, timeout_s=timeout_s)
+            self._bounds = slice_bounds(num_envs, max(num_workers, 1))
+            factories = [
+                functools.partial(DMCSlice, env_tasks[lo:hi], seed, lo, action_repeat, max_episode_steps)
+                for lo, hi in self._bounds
+            ]
+            if num_workers == 0:
+                self._pool = LocalPool(factories, methods=_METHODS, name=self.task_name)
+            else:
+                self._pool = ProcessPool(factories, methods=_METHODS, name=self.task_name, timeout_s=timeout_s)
         self.is_closed = False
         info = self._pool.infos[0]
         if info["max_episode_steps"] is None:
             self.close()
-            raise ValueError(f"{task} has no time limit; pass max_episode_steps (control steps per episode)")
+            raise ValueError(f"{self.task_name} has no time limit; pass max_episode_steps (control steps per episode)")
         self.max_episode_steps: int = info["max_episode_steps"]
         self.control_period: float = info["control_timestep"] * action_repeat
         self._layout: list[tuple[str, tuple[int, ...]]] = info["layout"]
@@ -214,11 +243,14 @@ class DMCEnv(EnvBase):
         return self._output(observation=obs, done=terminated | truncated, terminated=terminated, truncated=truncated)
 
     def _set_seed(self, seed: int | None) -> None:
-        """Env i's task RNG restarts from ``(seed + i) mod 2**32``; it applies from each env's next reset."""
+        """Env i's task RNG restarts from ``(seed + i) mod 2**32``; it applies from each env's next reset (EnvPool
+        seeds only when it builds its envs: there every env restarts and must be reset before stepping)."""
         if seed is None:
             seed = int(torch.randint(0, _MAX_SEED, ()).item())
         seed = _check_int("seed", seed, 0, _MAX_SEED - 1)
         self._pool.call("seed", [np.array([seed], dtype=np.int64)] * len(self._bounds))
+        if self.backend == "envpool":
+            self._needs_reset[:] = True
         self.base_seed = seed
 
     def close(self, *, raise_if_closed: bool = True) -> None:

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from dm_control import suite
+
+from fasttd3_lora.tasks.dmc_families import load
 
 # Offsets of the result buffer are multiples of 4 bytes before the bool columns, so float32 views are aligned.
 _F32 = np.dtype(np.float32).itemsize
@@ -44,7 +45,8 @@ def result_views(
 
 
 class DMCSlice:
-    """Envs ``first_index .. first_index + num_envs - 1`` of a vector of ``domain-task`` envs.
+    """Envs ``first_index .. first_index + len(tasks) - 1`` of a vector of DMC envs; env j of the slice runs
+    ``tasks[j]`` (a ``(domain, task)`` of `dmc_families.ALL_TASKS`; several tasks must share one embodiment).
 
     Env ``i`` (global index) is seeded with ``(seed + i) mod 2**32``. ``max_episode_steps=None`` keeps the task's own time
     limit; an int replaces it (the dm_control limit is switched off and this slice counts control steps).
@@ -52,11 +54,9 @@ class DMCSlice:
 
     def __init__(
         self,
-        domain: str,
-        task: str,
+        tasks: Sequence[tuple[str, str]],
         seed: int,
         first_index: int,
-        num_envs: int,
         action_repeat: int,
         max_episode_steps: int | None,
     ) -> None:
@@ -64,9 +64,10 @@ class DMCSlice:
         if max_episode_steps is not None:
             task_kwargs["time_limit"] = float("inf")
         self._first_index = first_index
+        num_envs = len(tasks)
         self._envs = [
-            suite.load(domain, task, task_kwargs={**task_kwargs, "random": env_seed(seed, first_index + j)})
-            for j in range(num_envs)
+            load(domain, task, task_kwargs={**task_kwargs, "random": env_seed(seed, first_index + j)})
+            for j, (domain, task) in enumerate(tasks)
         ]
         env = self._envs[0]
         self._action_repeat = action_repeat
@@ -77,6 +78,11 @@ class DMCSlice:
             self.max_episode_steps = math.ceil(env._step_limit)
         self._limit = math.inf if self.max_episode_steps is None else self.max_episode_steps
         self.layout = [(key, tuple(spec.shape)) for key, spec in env.observation_spec().items()]
+        for (domain, task), other in zip(tasks, self._envs):
+            theirs = [(key, tuple(spec.shape)) for key, spec in other.observation_spec().items()]
+            if theirs != self.layout or other.action_spec().shape != env.action_spec().shape:
+                raise ValueError(f"dmc/{domain}-{task} does not share the embodiment of dmc/{'-'.join(tasks[0])} "
+                                 "(observations or actions differ); the tasks of one vector env must")  # fmt: skip
         self._slots = []
         offset = 0
         for key, shape in self.layout:

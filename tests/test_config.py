@@ -74,11 +74,14 @@ def test_every_group_option_composes_and_validates(default_cfg) -> None:
         validate_config(OmegaConf.merge(default_cfg, {"task": leaf}))
 
 
-def test_dmc_task_configs_match_dm_control_suite(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dmc_task_configs_match_dm_control_suite_and_our_families(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MUJOCO_GL", "disabled")  # no GL probing (and no warning) on a machine without a display
     from dm_control import suite
 
-    expected = sorted(f"dmc/{domain}-{task}" for domain, task in suite.ALL_TASKS)
+    from fasttd3_lora.tasks.dmc_families import ALL_TASKS, EXTRA_TASKS
+
+    assert set(suite.ALL_TASKS) <= set(ALL_TASKS) and len(EXTRA_TASKS) == 5 + 4 + 4
+    expected = sorted(f"dmc/{domain}-{task}" for domain, task in ALL_TASKS)
     dmc = [o for o in group_options("task") if o.startswith("dmc/")]
     assert dmc == expected  # regenerate with scripts/make_dmc_task_configs.py
 

@@ -80,8 +80,10 @@ def random_actions(n_steps: int, n_envs: int, act_dim: int, seed: int = 0) -> to
 def test_task_names_round_trip_through_parse():
     names = list_dmc_tasks()
     assert "dmc/cheetah-run" in names and "dmc/ball_in_cup-catch" in names
-    assert len(names) == len(suite.ALL_TASKS)
-    assert [parse_dmc_task(n) for n in names] == list(suite.ALL_TASKS)
+    from fasttd3_lora.tasks.dmc_families import ALL_TASKS
+
+    assert "dmc/walker-speed_3" in names and len(names) == len(ALL_TASKS) == len(suite.ALL_TASKS) + 13
+    assert [parse_dmc_task(n) for n in names] == list(ALL_TASKS)
 
 
 @pytest.mark.parametrize(("name", "expected"), [("dmc/cheetah-rn", "dmc/cheetah-run"),
@@ -346,10 +348,10 @@ def test_killed_worker_is_reported_with_task_and_signal_and_pool_closes():
 
 def test_worker_that_raises_is_reported_with_its_traceback():
     # A worker that fails to build its envs, and one that raises mid-run (a malformed step payload).
-    bad_task = functools.partial(DMCSlice, "cheetah", "no_such_task", 0, 0, 1, 1, None)
+    bad_task = functools.partial(DMCSlice, [("cheetah", "no_such_task")], 0, 0, 1, None)
     with pytest.raises(WorkerError, match=r"(?s)my-pool: worker 0 .*raised:.*no_such_task"):
         ProcessPool([bad_task], methods=["step"], name="my-pool")
-    good = functools.partial(DMCSlice, "cheetah", "run", 0, 0, 1, 1, None)
+    good = functools.partial(DMCSlice, [("cheetah", "run")], 0, 0, 1, None)
     pool = ProcessPool([good, good], methods=["step", "reset"], name="my-pool")
     pool.call("reset", [np.ones(1, bool)] * 2)
     pids = pool.pids
