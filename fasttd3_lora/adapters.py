@@ -177,13 +177,13 @@ class LoRALinear(AdapterLayer):
         return self.merged_weight(0)
 
     @torch.no_grad()
-    def dense_copy(self) -> nn.Linear:
-        """`nn.Linear` holding adapter 0's merged weight and the base bias (no ensemble: nn.Linear has none)."""
+    def dense_copy(self, adapter: int = 0) -> nn.Linear:
+        """`nn.Linear` holding adapter k's merged weight and the base bias (no ensemble: nn.Linear has none)."""
         if self.ensemble is not None:
             raise ValueError(f"dense_copy: nn.Linear has no ensemble axis (this layer has ensemble={self.ensemble})")
         dense = nn.Linear(self.in_features, self.out_features, bias=self.base_bias is not None)
         dense = dense.to(device=self.base.device, dtype=self.base.dtype)
-        dense.weight.copy_(self.merged_weight(0))
+        dense.weight.copy_(self.merged_weight(adapter))
         if self.base_bias is not None:
             dense.bias.copy_(self.base_bias)
         return dense.requires_grad_(False)
@@ -264,15 +264,18 @@ def add_adapters(
     init_B: str = "zeros",
 ) -> list[LoRALinear]:
     """Replace each of `layers` (modules of `net`, chosen by the caller) by a `LoRALinear` over its current
-    weight and bias, in place; returns the new layers in the order given. A layer that is not a child of some
-    module of `net` is refused."""
+    weight and bias, in place; returns the new layers in the order given. A layer narrower than `rank` gets rank
+    min(in, out) (more would add nothing), with alpha scaled along so every layer's scale is `alpha / rank` (1 for
+    `alpha=None`). A layer that is not a child of some module of `net` is refused."""
     parents = {id(child): (parent, name) for parent in net.modules() for name, child in parent.named_children()}
+    check_positive_int("rank", rank)
     adapted = []
     for layer in layers:
         if id(layer) not in parents:
             raise ValueError(f"add_adapters: {type(layer).__name__} {layer} is not a submodule of the network")
         parent, name = parents[id(layer)]
-        new = LoRALinear.from_linear(layer, rank, num_adapters, alpha, init_B=init_B)
+        r = min(rank, layer.in_features, layer.out_features)
+        new = LoRALinear.from_linear(layer, r, num_adapters, None if alpha is None else alpha * r / rank, init_B=init_B)
         setattr(parent, name, new)
         adapted.append(new)
     return adapted

@@ -29,6 +29,7 @@ __all__ = [
     "save_checkpoint",
     "copy_checkpoint",
     "load_checkpoint",
+    "load_tagged",
     "resolve_checkpoint",
     "run_dir_of",
     "capture_rng",
@@ -84,17 +85,24 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
 
     `mmap=True` maps tensors lazily (reading only the metadata of a checkpoint with a large replay buffer is
     cheap). A missing, corrupt or foreign file raises `CheckpointError` with one line."""
+    return load_tagged(path, FORMAT, "checkpoint", "a checkpoint written by fasttd3_lora.train", mmap=mmap)
+
+
+def load_tagged(path: str | Path, fmt: str, what: str, writer: str, *, mmap: bool = False) -> dict[str, Any]:
+    """Load a file `torch.save`d as `{"format": fmt, "version": VERSION, ...}` with `weights_only=True` onto the
+    CPU (checkpoints; a policy library's tensor files). A missing, corrupt or foreign file (one whose format is not
+    `fmt`: `writer` says what writes them) raises `CheckpointError` with one line naming it as `what`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+        raise CheckpointError(f"{what} {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... by what is wrong
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({_load_failure(exc)})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not a {FORMAT} file (a checkpoint written by fasttd3_lora.train)")
+        raise CheckpointError(f"{what} {path}: cannot be read ({_load_failure(exc)})") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise CheckpointError(f"{what} {path}: not a {fmt} file ({writer})")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint {path}: version {state.get('version')!r}, this code reads version {VERSION}")
+        raise CheckpointError(f"{what} {path}: version {state.get('version')!r}, this code reads version {VERSION}")
     return state
 
 

@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fasttd3_lora.checks import MISSING, ConfigError, boolean, choice, get, int_in, number_in, positive
@@ -50,6 +50,9 @@ __all__ = [
     "RESUME_KEEPS",
     "check_device",
     "path_safe",
+    "run_tag",
+    "expand_shorthands",
+    "drop_unused_groups",
 ]
 
 CONFIG_MODULE = "fasttd3_lora.configs"
@@ -61,6 +64,7 @@ RESUME_MAY_CHANGE = (
     "total_env_steps", "eval_every", "eval_episodes", "checkpoint_every", "save_buffer",
     "keep_eval_checkpoints", "resume", "logger", "wandb", "device", "threads", "precision",
     "algo.compile", "algo.compile_mode",  # how the same math is executed, not what it computes
+    "algo.eval_every", "algo.checkpoint_every",  # an algorithm's cadence defaults (the top-level keys read them)
 )  # fmt: skip
 _LIST_AT_MOST = 12  # a group with more options than this is answered with close matches only
 
@@ -75,8 +79,38 @@ def budget(steps_per_env: int | None, num_envs: int, default: int) -> int:
     return default if steps_per_env is None else int(steps_per_env) * int(num_envs)
 
 
+def drop_unused_groups(cfg: DictConfig) -> DictConfig:
+    """`cfg` without the nodes that do not configure its algorithm (the `critic` and `scale` groups of PPO, the
+    `library` node of SAC and FastTD3), so config.yaml and checkpoints record only what shaped the run; in place."""
+    entry = ALGORITHMS.get(OmegaConf.select(cfg, "algo.name"))
+    if entry is None:
+        return cfg
+    unused = [] if entry.config.uses_critic_group else ["critic", "scale"]
+    unused += [] if entry.config.uses_library else ["library"]
+    with open_dict(cfg):
+        for key in unused:
+            cfg.pop(key, None)
+    return cfg
+
+
+def run_tag(algo: str, critic: str, library_path: str | None, library_rank: Any) -> str:
+    """What a run directory's name says of the learner: the critic kind for the algorithms with the `critic/`
+    group (`..._lora_s0`), else the algorithm, with the library's adapter rank (`..._ppo-lora-r4_s0`) or `full`."""
+    entry = ALGORITHMS.get(algo)
+    if entry is None or entry.config.uses_critic_group:
+        return str(critic)
+    if library_path is None:
+        return str(algo)
+    return f"{algo}-full" if str(library_rank) == "full" else f"{algo}-lora-r{library_rank}"
+
+
+def expand_shorthands(overrides: Sequence[str]) -> list[str]:
+    """`library=DIR` is short for `library.path=DIR` (the command line the policy library documents)."""
+    return [f"library.path={o.split('=', 1)[1]}" if o.startswith("library=") else o for o in overrides]
+
+
 # configs/config.yaml uses them (the run-directory template, the default budget); registered once, at import.
-for _name, _resolver in (("path_safe", path_safe), ("budget", budget)):
+for _name, _resolver in (("path_safe", path_safe), ("budget", budget), ("run_tag", run_tag)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _resolver)
 
@@ -182,6 +216,7 @@ def compose_config(overrides: Sequence[str] = (), *, check: bool = True, with_hy
 
     `with_hydra=True` keeps the `hydra` node (the run directory template); `check=False` skips
     `check_overrides` and `validate_config` (used internally to list the keys)."""
+    overrides = expand_shorthands(overrides)
     if check:
         check_overrides(overrides)
     try:
@@ -242,6 +277,18 @@ def validate_config(cfg: DictConfig) -> None:
         raise _unknown("task.name", str(name), options, "configs/task/")
     int_in(cfg, "task.max_episode_steps", 1)
 
+    if get(cfg, "library.path") is not None and not entry.config.uses_library:
+        raise ConfigError(f"library.path={get(cfg, 'library.path')}: a policy library trains with "
+                          f"{', '.join(n for n, a in ALGORITHMS.items() if a.config.uses_library)}; "
+                          f"algo.name={entry.name} has none")  # fmt: skip
+    if entry.config.uses_critic_group:
+        _validate_critic(cfg)
+    # The algorithm's own config checks its keys (with a task family's values), one line each.
+    entry.config.check_hydra(cfg)
+
+
+def _validate_critic(cfg: DictConfig) -> None:
+    """The `critic/` and `scale/` groups of the algorithms that use them (SAC, FastTD3)."""
     hidden = int_in(cfg, "scale.critic_hidden_dim", 1)
     int_in(cfg, "scale.critic_num_blocks", 1)
     number_in(cfg, "scale.sparsity", 0.0, 1.0, lo_open=False, hi_open=True)
@@ -257,8 +304,6 @@ def validate_config(cfg: DictConfig) -> None:
         if get(cfg, "critic.base_rank") is not None:
             int_in(cfg, "critic.base_rank", 1, hidden - 1)
         number_in(cfg, "critic.warmup_fraction", 0.0, 1.0, lo_open=False, hi_open=True)
-    # The algorithm's own config checks its keys (with a task family's values), one line each.
-    entry.config.check_hydra(cfg)
 
 
 # -------------------------------------------------------------------------------------------------- resume
@@ -290,7 +335,7 @@ def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's `meta` (its config and overrides) in today's keys, so an older run resumes and exports as it
     ran: before the `precision` key, bf16 autocast was `algo.amp_bf16` (true/false); before `algo.use_cdq`, the
     FastTD3 target was always clipped double Q (and its `algo.actor_q` is kept); before the DMC family's
-    `task.fasttd3`, a DMC run took the algo defaults."""
+    `task.fasttd3`, a DMC run took the algo defaults; before EnvPool, DMC stepped dm_control (`task.backend`)."""
     config, overrides = copy.deepcopy(dict(meta["config"])), list(meta.get("overrides", []))
     algo = config.get("algo", {})
     pinned: list[str] = []  # algo keys whose default changed since: the run keeps the value it ran with
@@ -301,6 +346,9 @@ def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
         pinned += FAMILY_KEYS  # before the DMC family had FastTD3 numbers, the algo defaults applied
     overrides += [f"algo.{key}={_override_literal(algo[key])}" for key in pinned
                   if key in algo and override_value(overrides, f"algo.{key}") is None]  # fmt: skip
+    task = config.get("task", {})
+    if task.get("family") == "dmc" and "backend" not in task:  # before EnvPool, DMC was dm_control
+        task["backend"] = "dm_control"
     if "precision" not in config and "amp_bf16" in algo:
         config["precision"] = "bf16" if algo.pop("amp_bf16") else "fp32"
         overrides = [o for o in overrides if o.split("=", 1)[0] != "algo.amp_bf16"] + [f"precision={config['precision']}"]
@@ -320,8 +368,9 @@ RESUME_KEEPS = ("threads", "precision")
 def check_resume_compatible(cfg: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
     """A resumed run may change only `RESUME_MAY_CHANGE`; anything else would not continue the same run."""
     now, before = _flatten(cfg), _flatten(saved)
+    family_blocks = [["task", name] for name in ALGORITHMS]  # task.fasttd3.*, task.ppo.*
     for key in sorted(set(now) | set(before)):
-        if key.startswith("task.fasttd3."):  # a family's defaults act only through the algo.* values, compared here
+        if key.split(".")[:2] in family_blocks:  # a family's defaults act only through the algo.* values, compared here
             continue
         if key in RESUME_MAY_CHANGE or key.split(".")[0] in RESUME_MAY_CHANGE or now.get(key, MISSING) == before.get(key, MISSING):
             continue

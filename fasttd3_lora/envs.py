@@ -38,24 +38,34 @@ class EnvRequest:
     seed: int
     device: str
     eval_envs: int  # one per evaluation episode (DMC: separate envs; Isaac Lab evaluates on the training env)
+    tasks: tuple[str, ...] = ()  # several tasks of one embodiment splitting the envs (a policy library); () = task.name
 
 
 def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
-    """The training envs and the evaluation envs (one per eval episode, DESIGN §5)."""
+    """The training envs and the evaluation envs (one per eval episode, DESIGN §5; with several tasks, that many
+    per task), stepped by `task.backend` (dm_control, or EnvPool's C++ port)."""
     # Each env family is imported by its builder: a run loads only its own simulator, and a bad command line
     # is refused before any simulator loads. Training never renders: without MUJOCO_GL, importing dm_control
     # probes GLFW/EGL and warns on machines without a display (a user's own MUJOCO_GL wins).
     os.environ.setdefault("MUJOCO_GL", "disabled")
     from fasttd3_lora.tasks.dmc import DMCEnv
 
+    tasks = request.tasks or (request.task.name,)
+    backend = request.task.get("backend", "dm_control")
+
     def envs(num_envs: int, num_workers: int | None) -> DMCEnv:
-        return DMCEnv(request.task.name, num_envs, action_repeat=request.action_repeat, seed=request.seed,
-                      max_episode_steps=request.task.max_episode_steps, num_workers=num_workers)  # fmt: skip
+        try:
+            return DMCEnv(tasks, num_envs, action_repeat=request.action_repeat, seed=request.seed,
+                          max_episode_steps=request.task.max_episode_steps, num_workers=num_workers,
+                          backend=backend)  # fmt: skip
+        except ValueError as err:  # a task family EnvPool lacks, tasks of different robots: one line, exit 2
+            raise ConfigError(f"task.backend={backend}: {err}") from None
 
     # Evaluation steps its envs in this process: worker processes would compete with torch's threads for the
     # same cores (on a busy 2-core machine an eval step took 16 ms in-process vs 24 ms with workers, 260-320 ms
-    # with 2 torch threads either way), and ten DMC envs cost little next to the actor.
-    return envs(request.num_envs, None), envs(request.eval_envs, 0)
+    # with 2 torch threads either way), and ten DMC envs cost little next to the actor. EnvPool's threads are
+    # its own: one for evaluation.
+    return envs(request.num_envs, None), envs(request.eval_envs * len(tasks), 1 if backend == "envpool" else 0)
 
 
 def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
@@ -64,6 +74,9 @@ def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
     from fasttd3_lora.tasks import isaaclab  # looked up at call time: tests swap in a stand-in factory
 
     task = request.task
+    if len(request.tasks) > 1:
+        raise ConfigError(f"library.tasks={list(request.tasks)}: Isaac Lab runs one task per process (its simulation "
+                          "context is a singleton); allowed one task")  # fmt: skip
     try:
         env = isaaclab.make_isaaclab_env(task.name, request.num_envs, request.seed, request.device, task.physics,
                                          task.headless)  # fmt: skip

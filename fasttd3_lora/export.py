@@ -62,6 +62,8 @@ __all__ = [
     "policy_from_checkpoint",
     "deploy_metadata",
     "export_onnx",
+    "export_graph",
+    "quiet_exporter",
     "read_metadata",
     "write_metadata",
     "sample_observations",
@@ -145,20 +147,27 @@ def write_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
 def export_onnx(policy: DeployPolicy, path: str | Path) -> Path:
     """Write ``policy`` as an opset-18 ONNX model (input ``obs``, output ``actions``, dynamic batch axis);
     `write_metadata` adds the deploy facts once the model has passed its check."""
+    batch = torch.export.Dim("batch")
+    return export_graph(policy, (torch.zeros(2, policy.obs_dim),), [INPUT_NAME], ({0: batch},), path)
+
+
+def export_graph(module: nn.Module, examples: tuple[Tensor, ...], input_names: Sequence[str],
+                 dynamic_shapes: tuple[dict[int, Any], ...], path: str | Path) -> Path:  # fmt: skip
+    """Any eval-mode `module` as an opset-18 ONNX model with output ``actions`` (the policy library's model takes
+    ``obs`` and ``task_id``), checked by onnx's checker."""
     import onnx
 
     path = Path(path)
-    policy = policy.eval()
-    example = torch.zeros(2, policy.obs_dim)
+    module = module.eval()
     with torch.no_grad():
         program = torch.onnx.export(
-            policy,
-            (example,),
+            module,
+            examples,
             dynamo=True,
             opset_version=OPSET,
-            input_names=[INPUT_NAME],
+            input_names=list(input_names),
             output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamic_shapes=dynamic_shapes,
             external_data=False,
             verbose=False,
         )
@@ -253,14 +262,17 @@ def _algorithm(state: Mapping[str, Any], source: Path) -> Algorithm:
 def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int, act_dim: int) -> DeployPolicy:
     """The actor and observation normaliser of a loaded checkpoint as a `DeployPolicy` (weights loaded strictly).
 
-    ``obs_dim`` / ``act_dim`` are the env's (`env_deploy_facts`); the config gives the actor's width and depth."""
-    actor_cls = _algorithm(state, source).actor
+    ``obs_dim`` / ``act_dim`` are the env's (`env_deploy_facts`); the registry's `build_actor` rebuilds the actor
+    from the run's config (SAC, FastTD3: the actor's width and depth) or its saved state (PPO)."""
+    entry = _algorithm(state, source)
     actor_state = _get(state, "agent.actor", source)
     rms_state = state["agent"].get("obs_rms")
-    hidden = int(_get(state, "meta.config.algo.actor_hidden_dim", source))
-    blocks = int(_get(state, "meta.config.algo.actor_num_blocks", source))
+    config = _get(state, "meta.config", source)
+    if config.get("library", {}).get("tasks") and len(config["library"]["tasks"]) > 1:
+        raise ExportError(f"{source}: a run of {len(config['library']['tasks'])} library tasks; export its library "
+                          "instead (python -m fasttd3_lora.library export LIB --out DIR)")  # fmt: skip
     try:
-        actor = actor_cls(obs_dim, act_dim, hidden, blocks)
+        actor = entry.build_actor(config, actor_state, obs_dim, act_dim)
         actor.load_state_dict(actor_state)
         normalizer = None
         if rms_state is not None:
@@ -268,8 +280,8 @@ def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int,
             normalizer.load_state_dict(rms_state)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{source}: agent.actor / agent.obs_rms do not fit {actor_cls.__name__}(obs {obs_dim}, "
-                          f"act {act_dim}, hidden {hidden}, blocks {blocks}): {first[:200]}") from None  # fmt: skip
+        raise ExportError(f"{source}: agent.actor / agent.obs_rms do not fit {entry.actor.__name__} (obs {obs_dim}, "
+                          f"act {act_dim}): {first[:200]}") from None  # fmt: skip
     return DeployPolicy(actor.eval(), normalizer, obs_dim)
 
 
@@ -297,7 +309,7 @@ def deploy_metadata(
         "package_version": fasttd3_lora.__version__,
         "task": str(config["task"]["name"]),
         "algo": str(config["algo"]["name"]),
-        "critic": str(config.get("critic", {}).get("kind", "unknown")),
+        "critic": str(config.get("critic", {}).get("kind", "none")),  # PPO has a value function, no critic group
         "actor": type(policy.actor).__name__,
         "seed": int(config.get("seed", 0)),
         "training": {"env_step": int(counters.get("env_step", 0)), "agent_step": int(counters.get("agent_step", 0))},
@@ -334,7 +346,7 @@ def _resolve_source(source: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """torch.onnx's exporter prints progress and warns about optional registrations; the CLI prints one summary."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
@@ -379,7 +391,7 @@ def export_checkpoint(
     # Written under a temporary name and checked there: a model that fails its check never lands as policy.onnx.
     candidate = out / f".{POLICY_FILE}.tmp"
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             export_onnx(policy, candidate)
         diff = verify_onnx(candidate, policy, obs, tolerance)
         import onnxruntime

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from tensordict import TensorDict
 from torch import Tensor, nn
 
-from fasttd3_lora.algo_config import AlgorithmConfig
+from fasttd3_lora.algo_config import OffPolicyConfig
 from fasttd3_lora.distributional import categorical_loss, categorical_projection, select_min_target
 from fasttd3_lora.hypersphere import project_
 from fasttd3_lora.networks import (
@@ -61,7 +61,7 @@ GradSync = Callable[[Sequence[nn.Parameter]], None]
 
 
 @dataclasses.dataclass(frozen=True)
-class FastTD3Config(AlgorithmConfig):
+class FastTD3Config(OffPolicyConfig):
     """Every knob of the FastTD3 agent; the values live in `configs/` only (algo/fasttd3, critic/*, scale/*,
     and a task family's `task.fasttd3.*`).
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, open_dict
 
 from fasttd3_lora.algorithms import algorithm
 from fasttd3_lora.checkpoint import CheckpointError
-from fasttd3_lora.config import ConfigError, check_device
+from fasttd3_lora.config import ConfigError, check_device, drop_unused_groups
 from fasttd3_lora.loops.kit import Counters, NonFiniteError
 from fasttd3_lora.precision import choose_precision
 from fasttd3_lora.replay import ReplayMemoryError
@@ -39,6 +39,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     print(f"precision: {precision} ({reason})", flush=True)
     with open_dict(cfg):  # both go into config.yaml and checkpoints: a resume reuses them
         cfg.threads, cfg.precision = threads, precision
+    drop_unused_groups(cfg)  # config.yaml records what configured the run, nothing else
     with recording_outcome(run_dir, NonFiniteError, (ConfigError, CheckpointError)) as outcome:
         algo_cfg = entry.config.check_hydra(cfg)
         try:

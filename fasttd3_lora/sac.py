@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
 
-from fasttd3_lora.algo_config import AlgorithmConfig
+from fasttd3_lora.algo_config import OffPolicyConfig
 from fasttd3_lora.checks import ConfigError, boolean, get, number_in, positive
 from fasttd3_lora.distributional import (
     categorical_loss,
@@ -64,10 +64,10 @@ def discount_from_horizon(max_episode_steps: int, action_repeat: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class SACConfig(AlgorithmConfig):
+class SACConfig(OffPolicyConfig):
     """Every knob of the SAC agent; the values live in `configs/` (algo/sac, critic/*, scale/*) only.
 
-    The shared fields come from `AlgorithmConfig`, the critic's from `CriticSettings`; these are SAC's own.
+    The shared fields come from `OffPolicyConfig`, the critic's from `CriticSettings`; these are SAC's own.
     `discount=None` means "derive it from the task's horizon" (`from_hydra` does, from `task.max_episode_steps`;
     the agent itself needs a number).
     """

@@ -31,6 +31,8 @@ from fasttd3_lora.config import (
     check_resume_compatible,
     compose_config,
     drop_override,
+    drop_unused_groups,
+    expand_shorthands,
     merge_overrides,
     override_value,
     upgrade_saved,
@@ -72,6 +74,7 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
 
     Raises `ConfigError` / `CheckpointError` (one line). Hydra's informational modes (--help, --cfg, ...) and
     other config directories pass through unchecked."""
+    argv = expand_shorthands(argv)
     args = get_args_parser().parse_args(list(argv))
     if any((args.help, args.hydra_help, args.cfg, args.info, args.shell_completion, args.config_path,
             args.config_name, args.config_dir, args.experimental_rerun)):  # fmt: skip
@@ -97,7 +100,7 @@ def prepare_command_line(argv: Sequence[str]) -> list[str]:
         del cfg["hydra"]
     check_device(cfg.device)
     if saved is not None:
-        check_resume_compatible(OmegaConf.to_container(cfg, resolve=True), saved["config"])
+        check_resume_compatible(OmegaConf.to_container(drop_unused_groups(cfg.copy()), resolve=True), saved["config"])
         for key in RESUME_KEEPS:
             recorded = saved["config"].get(key)
             if override_value(overrides, key) is None and recorded not in (None, AUTO):

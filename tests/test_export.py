@@ -328,8 +328,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     torch.save({"format": FORMAT, "version": VERSION, "x": foreign}, tmp_path / "pickled.pt")
     assert "pickled.pt" in _cli_error(capsys, str(tmp_path / "pickled.pt"))
     assert not Foreign.built  # loaded with weights_only=True: the object was never constructed
-    save_checkpoint(tmp_path / "ppo.pt", {"meta": {"config": {"algo": {"name": "ppo"}}}, "agent": {}})
-    assert "algo.name='ppo' has no exportable actor" in _cli_error(capsys, str(tmp_path / "ppo.pt"))
+    save_checkpoint(tmp_path / "dreamer.pt", {"meta": {"config": {"algo": {"name": "dreamer"}}}, "agent": {}})
+    assert "algo.name='dreamer' has no exportable actor" in _cli_error(capsys, str(tmp_path / "dreamer.pt"))
     _fasttd3_checkpoint(tmp_path / "ok.pt", joints=None)
     assert "unknown option outdir=" in _cli_error(capsys, str(tmp_path / "ok.pt"), "outdir=x")
     assert "expected one run directory or checkpoint, got 0" in _cli_error(capsys)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from fasttd3_lora import train as train_mod
 from fasttd3_lora.checkpoint import load_checkpoint, save_checkpoint
-from fasttd3_lora.config import ConfigError, compose_config
+from fasttd3_lora.config import ConfigError, compose_config, drop_unused_groups
 from fasttd3_lora.run_logging import MetricsCSV, Progress, RunLogger
 from fasttd3_lora.loops import kit
 from fasttd3_lora.loops.kit import Counters, NonFiniteError, advance, crossed
@@ -384,7 +384,7 @@ def test_a_sweep_gets_a_fresh_directory(tmp_path: Path) -> None:
 
 def test_resume_reuses_the_run_dir_and_its_overrides(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    resolved = OmegaConf.to_container(compose_config(TINY), resolve=True)
+    resolved = OmegaConf.to_container(drop_unused_groups(compose_config(TINY)), resolve=True)  # as runs save it
     save_checkpoint(run_dir / "checkpoints" / "latest.pt", {"meta": {"config": resolved, "overrides": TINY}})
     argv = prepare_command_line([f"resume={run_dir}", "total_env_steps=800"])
     kept = [o for o in TINY if o != "total_env_steps=300"]

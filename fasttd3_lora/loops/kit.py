@@ -59,6 +59,7 @@ __all__ = [
     "advance",
     "seed_everything",
     "start_episodes",
+    "episode_returns",
     "evaluate",
     "UpdateMetrics",
     "checkpoint_state",
@@ -66,6 +67,7 @@ __all__ = [
     "reported_stops",
     "load_resume",
     "restore",
+    "restore_on_policy",
     "RunRecord",
 ]
 
@@ -144,20 +146,30 @@ def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
 
 
 @torch.no_grad()
-def evaluate(agent: Agent, env: EnvBase, seed: int) -> tuple[float, float]:
-    """One deterministic episode per eval env (DESIGN §5: 10); mean and std of the returns."""
+def episode_returns(agent: Agent, env: EnvBase, seed: int) -> Tensor:
+    """The return of one deterministic episode per eval env (DESIGN §5: 10), on the env's device. An env whose
+    rows belong to several tasks (`task_ids`, a policy library's multi-task env) hands each row's task to the
+    agent's `act`."""
     env.set_seed(seed)
     td = env.reset()
+    task_ids = getattr(env, "task_ids", None)
+    task = {} if task_ids is None else {"task": task_ids}
     returns = torch.zeros(env.batch_size, device=env.device)  # on the env's device: Isaac Lab's rewards are CUDA
     running = torch.ones(env.batch_size, dtype=torch.bool, device=env.device)
     while bool(running.any()):
-        td.set("action", agent.act(td["observation"], deterministic=True).to(env.device))
+        td.set("action", agent.act(td["observation"], deterministic=True, **task).to(env.device))
         td, next_td = env.step_and_maybe_reset(td)
         # squeeze / logical_not rather than [:, 0] / ~: the same, and ops that PyTorch's fake tensors run on a
         # claimed cuda device, so tests/test_devices.py can check that nothing here lives on the host
         returns += td["next", "reward"].squeeze(-1) * running
         running &= td["next", "done"].squeeze(-1).logical_not()
         td = next_td
+    return returns
+
+
+def evaluate(agent: Agent, env: EnvBase, seed: int) -> tuple[float, float]:
+    """One deterministic episode per eval env; mean and std of the returns."""
+    returns = episode_returns(agent, env, seed)
     return returns.mean().item(), returns.std(correction=0).item()
 
 
@@ -289,6 +301,14 @@ def restore(
     else:
         updates_from = counters.agent_step + learning_starts
     return counters, updates_from
+
+
+def restore_on_policy(resume: dict[str, Any], agent: Any, generator: torch.Generator) -> Counters:
+    """Load a checkpoint of an on-policy run (no replay: it checkpoints between rollouts) into the agent and the
+    generator; returns the counters."""
+    agent.load_state_dict(resume["agent"])
+    restore_rng(resume["rng"], generator)
+    return Counters(**resume["meta"]["counters"])
 
 
 class _Silent:

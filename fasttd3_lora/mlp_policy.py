@@ -1,0 +1,120 @@
+"""MLP policies and value functions for the on-policy algorithms (PPO, group-relative fine-tuning): the networks
+Isaac Lab users know from rsl_rl (ELU MLPs, a Gaussian policy with a state-independent std), built so that any of
+their linear maps can carry LoRA adapters (`fasttd3_lora.adapters`) and a batch can mix tasks row by row.
+
+* `MLP`: `Linear -> ELU -> ... -> Linear`. `forward(x, adapter=idx)` hands `adapter` to every adapted layer
+  (`LoRALinear`) and ignores it for plain ones, so one forward serves a batch whose rows use different adapters.
+* `GaussianPolicy`: `mean = MLP(obs)`, one learnable log-std row per task (`num_tasks`, rsl_rl's scalar std).
+  Actions are sampled unsquashed and clipped to [-1, 1] at the env boundary (rsl_rl's convention); the policy's
+  log-probabilities, entropy and KL are those of the Gaussian. `deterministic_action` is the clipped mean
+  (evaluation and export).
+* `ValueFunction`: `MLP(obs)` with one output per task; row b reads its task's column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fasttd3_lora.adapters import AdapterLayer, add_adapters
+from fasttd3_lora.hypersphere import check_positive_int
+
+__all__ = ["MLP", "GaussianPolicy", "ValueFunction", "task_rows"]
+
+Task = int | Tensor | None  # None: task 0 for every row; an int: one task for every row; (batch,) long: per row
+
+
+def task_rows(task: Task, batch: int, device: torch.device) -> Tensor | int:
+    """The per-row task index, or one int for the whole batch."""
+    if task is None:
+        return 0
+    if isinstance(task, Tensor) and tuple(task.shape) != (batch,):
+        raise ValueError(f"task must be an int or a ({batch},) long tensor, got shape {tuple(task.shape)}")
+    return task.to(device) if isinstance(task, Tensor) else task
+
+
+class MLP(nn.Module):
+    """`in -> hidden_dims... -> out` with ELU between the linear maps (none after the last)."""
+
+    def __init__(self, in_dim: int, hidden_dims: Sequence[int], out_dim: int) -> None:
+        super().__init__()
+        dims = [in_dim, *hidden_dims, out_dim]
+        for d in dims:
+            check_positive_int("MLP width", d)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor, adapter: int | Tensor = 0) -> Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, adapter=adapter) if isinstance(layer, AdapterLayer) else layer(x)
+            if i < last:
+                x = F.elu(x)
+        return x
+
+
+class GaussianPolicy(nn.Module):
+    """A diagonal Gaussian over actions: `MLP` mean, a learnable log-std per task (module docstring)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int], init_std: float = 1.0,
+                 num_tasks: int = 1) -> None:  # fmt: skip
+        super().__init__()
+        check_positive_int("num_tasks", num_tasks)
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {init_std!r}")
+        self.obs_dim, self.act_dim, self.hidden_dims = obs_dim, act_dim, tuple(hidden_dims)
+        self.mean_net = MLP(obs_dim, hidden_dims, act_dim)
+        self.log_std = nn.Parameter(torch.full((num_tasks, act_dim), float(torch.log(torch.tensor(init_std)))))
+
+    @property
+    def num_tasks(self) -> int:
+        return self.log_std.shape[0]
+
+    def forward(self, obs: Tensor, task: Task = None) -> tuple[Tensor, Tensor]:
+        """`(mean, log_std)`, both (batch, act_dim)."""
+        rows = task_rows(task, obs.shape[0], obs.device)
+        mean = self.mean_net(obs, adapter=rows)
+        log_std = self.log_std[rows] if isinstance(rows, Tensor) else self.log_std[rows].expand_as(mean)
+        return mean, log_std
+
+    def deterministic_action(self, obs: Tensor, task: Task = None) -> Tensor:
+        """The clipped mean: evaluation's and export's action, in [-1, 1]."""
+        return self.mean_net(obs, adapter=task_rows(task, obs.shape[0], obs.device)).clamp(-1.0, 1.0)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor], alpha: float | None = None) -> "GaussianPolicy":
+        """The policy a `state_dict()` came from (sizes, and LoRA adapters where it has them, with `alpha`, which a
+        state dict does not hold: None is alpha = rank), loaded strictly: export rebuilds a run's policy from its
+        checkpoint and config alone."""
+        i, dims, lora = 0, [], None
+        while f"mean_net.layers.{i}.weight" in state or f"mean_net.layers.{i}.base" in state:
+            weight = state.get(f"mean_net.layers.{i}.weight", state.get(f"mean_net.layers.{i}.base"))
+            dims.append(tuple(weight.shape))
+            if f"mean_net.layers.{i}.lora_A" in state:
+                lora = state[f"mean_net.layers.{i}.lora_A"].shape  # (num_adapters, rank, in)
+            i += 1
+        if not dims:
+            raise ValueError("not a GaussianPolicy state dict (no mean_net.layers.0)")
+        policy = cls(dims[0][1], dims[-1][0], [d[0] for d in dims[:-1]], num_tasks=state["log_std"].shape[0])
+        if lora is not None:
+            add_adapters(policy.mean_net, list(policy.mean_net.layers), rank=lora[1], num_adapters=lora[0], alpha=alpha)
+        policy.load_state_dict(state)
+        return policy
+
+
+class ValueFunction(nn.Module):
+    """`V(obs)` per task: an `MLP` with `num_tasks` outputs, row b reading its task's column."""
+
+    def __init__(self, obs_dim: int, hidden_dims: Sequence[int], num_tasks: int = 1) -> None:
+        super().__init__()
+        check_positive_int("num_tasks", num_tasks)
+        self.net = MLP(obs_dim, hidden_dims, num_tasks)
+
+    def forward(self, obs: Tensor, task: Task = None) -> Tensor:
+        values = self.net(obs)
+        rows = task_rows(task, obs.shape[0], obs.device)
+        if isinstance(rows, Tensor):
+            return values.gather(-1, rows.unsqueeze(-1)).squeeze(-1)
+        return values[:, rows]
