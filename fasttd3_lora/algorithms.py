@@ -1,9 +1,9 @@
 """The algorithm registry: one entry per `algo.name`, the only place that lists them (docs/architecture.md).
 
 An entry names the algorithm's config dataclass (built once from the composed Hydra config and handed to the
-loop), the task families it runs on, how export rebuilds its actor from a checkpoint (`build_actor(config,
-actor_state, obs_dim, act_dim)`: a module with `deterministic_action(obs)`, weights not yet loaded), and the
-module of its training loop. That module is imported when a run starts, not here: a loop uses the app's shared pieces
+loop), the task families it runs on, how export rebuilds its actor from a checkpoint (`build_actor(meta,
+actor_state, obs_dim, act_dim)` with the checkpoint's `meta` (config, env, ...): a module with
+`deterministic_action(obs)`, weights not yet loaded), and the module of its training loop. That module is imported when a run starts, not here: a loop uses the app's shared pieces
 (config checks, the loop kit), which in turn look algorithms up here, and a bad command line is refused before
 any loop (or simulator) loads. A loop module defines
 
@@ -23,6 +23,8 @@ from torch import nn
 
 from fasttd3_lora.algo_config import AlgorithmConfig
 from fasttd3_lora.fasttd3 import FastTD3Config
+from fasttd3_lora.grpo import FULL as GRPO_FULL
+from fasttd3_lora.grpo import GaussianView, GRPOConfig, adapt
 from fasttd3_lora.mlp_policy import GaussianPolicy
 from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor
 from fasttd3_lora.ppo import PPOConfig
@@ -39,7 +41,7 @@ class Algorithm:
     actor: type[nn.Module]  # the deterministic policy export rebuilds from `agent.actor` in a checkpoint
     families: tuple[str, ...]  # the task families (`task.family`) it runs on
     loop_module: str  # defines run(cfg, algo_cfg, run_dir, overrides)
-    build_actor: Callable[[Mapping[str, Any], Mapping[str, Any], int, int], nn.Module]
+    build_actor: Callable[[Mapping[str, Any], Mapping[str, Any], int, int], nn.Module]  # (meta, actor state, dims)
 
     @property
     def name(self) -> str:
@@ -54,17 +56,32 @@ class Algorithm:
 def _simbav2_actor(actor: type[nn.Module]) -> Callable[[Mapping[str, Any], Mapping[str, Any], int, int], nn.Module]:
     """SAC's and FastTD3's actors: SimbaV2 encoders sized by `algo.actor_hidden_dim` / `algo.actor_num_blocks`."""
 
-    def build(config: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
-        algo = config["algo"]
+    def build(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
+        algo = meta["config"]["algo"]
         return actor(obs_dim, act_dim, int(algo["actor_hidden_dim"]), int(algo["actor_num_blocks"]))
 
     return build
 
 
-def _mlp_policy(config: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
-    """PPO's policy, sized (and adapted, for a library run) as its saved state says; loaded here."""
-    alpha = config.get("library", {}).get("alpha")
+def _mlp_policy(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
+    """PPO's policy, sized (and adapted, for a library run) as its saved state says."""
+    alpha = meta["config"].get("library", {}).get("alpha")
     return GaussianPolicy.from_state_dict(dict(state), alpha=None if alpha is None else float(alpha))
+
+
+def _grpo_policy(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
+    """A GRPO run's policy: the source run's actor (`meta["source"]`, recorded by the GRPO loop) in a
+    `GaussianView`, adapted as the run's `algo.rank` / `algo.alpha` say."""
+    source, algo = meta["source"], meta["config"]["algo"]
+    name = source["config"]["algo"]["name"]
+    if name == "ppo":
+        actor = GaussianPolicy(obs_dim, act_dim, source["config"]["algo"]["actor_hidden_dims"])
+    else:
+        actor = ALGORITHMS[name].build_actor(source, {}, obs_dim, act_dim)
+    view = GaussianView(actor, float(algo["init_std"]))
+    rank = algo["rank"]
+    adapt(view, None if rank == GRPO_FULL else int(rank), None if algo["alpha"] is None else float(algo["alpha"]))
+    return view
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -74,6 +91,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(FastTD3Config, DeterministicActor, ("dmc", "isaaclab"), "fasttd3_lora.loops.fasttd3",
                   _simbav2_actor(DeterministicActor)),
         Algorithm(PPOConfig, GaussianPolicy, ("dmc", "isaaclab"), "fasttd3_lora.loops.ppo", _mlp_policy),
+        # Isaac Lab draws each env's start from its own generator: a group of envs cannot share one (docs/drift.md)
+        Algorithm(GRPOConfig, GaussianView, ("dmc",), "fasttd3_lora.loops.grpo", _grpo_policy),
     )
 }
 

@@ -104,9 +104,20 @@ def run_tag(algo: str, critic: str, library_path: str | None, library_rank: Any)
     return f"{algo}-full" if str(library_rank) == "full" else f"{algo}-lora-r{library_rank}"
 
 
+SHORTHANDS = (("library=", "library.path="), ("grpo.from=", "algo.from_run="), ("grpo.", "algo."))
+
+
 def expand_shorthands(overrides: Sequence[str]) -> list[str]:
-    """`library=DIR` is short for `library.path=DIR` (the command line the policy library documents)."""
-    return [f"library.path={o.split('=', 1)[1]}" if o.startswith("library=") else o for o in overrides]
+    """The command lines the docs write, in config keys: `library=DIR` is `library.path=DIR`, `grpo.from=RUN` is
+    `algo.from_run=RUN` and `grpo.<key>=` is `algo.<key>=` (group-relative fine-tuning's knobs)."""
+    expanded = []
+    for override in overrides:
+        for short, full in SHORTHANDS:
+            if override.startswith(short):
+                override = full + override[len(short):]
+                break
+        expanded.append(override)
+    return expanded
 
 
 # configs/config.yaml uses them (the run-directory template, the default budget); registered once, at import.

@@ -39,6 +39,7 @@ class EnvRequest:
     device: str
     eval_envs: int  # one per evaluation episode (DMC: separate envs; Isaac Lab evaluates on the training env)
     tasks: tuple[str, ...] = ()  # several tasks of one embodiment splitting the envs (a policy library); () = task.name
+    group_size: int = 1  # consecutive envs that start their training episodes from the same states (GRPO)
 
 
 def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
@@ -53,11 +54,11 @@ def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
     tasks = request.tasks or (request.task.name,)
     backend = request.task.get("backend", "dm_control")
 
-    def envs(num_envs: int, num_workers: int | None) -> DMCEnv:
+    def envs(num_envs: int, num_workers: int | None, group_size: int = 1) -> DMCEnv:
         try:
             return DMCEnv(tasks, num_envs, action_repeat=request.action_repeat, seed=request.seed,
                           max_episode_steps=request.task.max_episode_steps, num_workers=num_workers,
-                          backend=backend)  # fmt: skip
+                          backend=backend, group_size=group_size)  # fmt: skip
         except ValueError as err:  # a task family EnvPool lacks, tasks of different robots: one line, exit 2
             raise ConfigError(f"task.backend={backend}: {err}") from None
 
@@ -65,7 +66,8 @@ def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
     # same cores (on a busy 2-core machine an eval step took 16 ms in-process vs 24 ms with workers, 260-320 ms
     # with 2 torch threads either way), and ten DMC envs cost little next to the actor. EnvPool's threads are
     # its own: one for evaluation.
-    return envs(request.num_envs, None), envs(request.eval_envs * len(tasks), 1 if backend == "envpool" else 0)
+    train_envs = envs(request.num_envs, None, request.group_size)
+    return train_envs, envs(request.eval_envs * len(tasks), 1 if backend == "envpool" else 0)
 
 
 def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
@@ -74,6 +76,9 @@ def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
     from fasttd3_lora.tasks import isaaclab  # looked up at call time: tests swap in a stand-in factory
 
     task = request.task
+    if request.group_size > 1:
+        raise ConfigError(f"group size {request.group_size}: Isaac Lab draws every env's episode start from its own "
+                          "generator, so a group of envs cannot share one; group-relative runs need dmc tasks")  # fmt: skip
     if len(request.tasks) > 1:
         raise ConfigError(f"library.tasks={list(request.tasks)}: Isaac Lab runs one task per process (its simulation "
                           "context is a singleton); allowed one task")  # fmt: skip

@@ -263,7 +263,8 @@ def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int,
     """The actor and observation normaliser of a loaded checkpoint as a `DeployPolicy` (weights loaded strictly).
 
     ``obs_dim`` / ``act_dim`` are the env's (`env_deploy_facts`); the registry's `build_actor` rebuilds the actor
-    from the run's config (SAC, FastTD3: the actor's width and depth) or its saved state (PPO)."""
+    from the checkpoint's meta (SAC, FastTD3: the actor's width and depth; GRPO: its source run) or its saved state
+    (PPO)."""
     entry = _algorithm(state, source)
     actor_state = _get(state, "agent.actor", source)
     rms_state = state["agent"].get("obs_rms")
@@ -272,7 +273,7 @@ def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int,
         raise ExportError(f"{source}: a run of {len(config['library']['tasks'])} library tasks; export its library "
                           "instead (python -m fasttd3_lora.library export LIB --out DIR)")  # fmt: skip
     try:
-        actor = entry.build_actor(config, actor_state, obs_dim, act_dim)
+        actor = entry.build_actor(state["meta"], actor_state, obs_dim, act_dim)
         actor.load_state_dict(actor_state)
         normalizer = None
         if rms_state is not None:

@@ -25,6 +25,9 @@ import fcntl
 import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,7 +164,7 @@ class Library:
         sha = _write(self.path / name, data)
         entry = {**info, "file": name, "sha256": sha, "bytes_on_disk": len(data),
                  "tensor_bytes": tensor_bytes(tensors),
-                 "trainable": sum(t.numel() for t in _tensors(tensors))}  # fmt: skip
+                 "trainable": sum(t.numel() for key, t in _tensors(tensors) if key != "scale")}  # fmt: skip
         with self._locked():
             self.index["adapters"][task] = entry
         return entry
@@ -176,16 +179,19 @@ class Library:
         (self.path / entry["file"]).unlink(missing_ok=True)
 
 
-def _tensors(tree: Mapping[str, Any]) -> Iterator[Tensor]:
-    for value in tree.values():
+def _tensors(tree: Mapping[str, Any]) -> Iterator[tuple[str, Tensor]]:
+    """(key, tensor) of every tensor in a nested mapping."""
+    for key, value in tree.items():
         if isinstance(value, Tensor):
-            yield value
+            yield key, value
         elif isinstance(value, Mapping):
             yield from _tensors(value)
 
 
 def create_library(path: str | Path, state: Mapping[str, Any], source: str | Path) -> Library:
-    """A new library at `path` whose base is the policy of a PPO run's checkpoint `state` (from `source`)."""
+    """A new library at `path` whose base is the policy of a PPO run's checkpoint `state` (from `source`). It is
+    written into a temporary directory beside `path` and renamed into place, so a library is whole or absent;
+    when several runs of a sweep create the same one at once, the first rename wins and the others open it."""
     path = Path(path).expanduser()
     if path.exists() and any(path.iterdir()):
         raise LibraryError(f"library {path}: the directory exists and is not empty")
@@ -200,7 +206,6 @@ def create_library(path: str | Path, state: Mapping[str, Any], source: str | Pat
     agent = state["agent"]
     policy, value, rms = agent["actor"], agent["value"], agent["obs_rms"]
     act_dim, obs_dim = policy["log_std"].shape[-1], rms["mean"].shape[-1]
-    env = meta.get("env") or {}
     base = {
         "task": config["task"]["name"], "family": config["task"]["family"], "seed": config.get("seed"),
         "source": str(Path(source).resolve()), "env_step": meta.get("counters", {}).get("env_step"),
@@ -208,19 +213,27 @@ def create_library(path: str | Path, state: Mapping[str, Any], source: str | Pat
         "obs_dim": int(obs_dim), "act_dim": int(act_dim), "action_repeat": int(algo["action_repeat"]),
         "actor_hidden_dims": list(algo["actor_hidden_dims"]), "critic_hidden_dims": list(algo["critic_hidden_dims"]),
         "init_std": float(algo["init_std"]), "max_episode_steps": config["task"].get("max_episode_steps"),
-        "env": env,
+        "env": meta.get("env") or {},
     }  # fmt: skip
-    policy_tensors = {"policy": dict(policy), "obs_rms": dict(rms)}
-    path.mkdir(parents=True, exist_ok=True)
-    (path / ADAPTER_DIR).mkdir(exist_ok=True)
-    data = _serialise("base", policy_tensors)
-    base["sha256"], base["bytes_on_disk"] = _write(path / BASE_FILE, data), len(data)
-    base["policy_numel"] = sum(t.numel() for t in policy.values())
-    base["policy_tensor_bytes"] = tensor_bytes(policy)
-    value_data = _serialise("value", {"value": dict(value)})
-    base["value_sha256"], base["value_bytes_on_disk"] = _write(path / VALUE_FILE, value_data), len(value_data)
-    index = {"format": FORMAT, "base": base, "adapters": {}}
-    _write(path / INDEX, json.dumps(index, indent=2, sort_keys=True).encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        (tmp / ADAPTER_DIR).mkdir()
+        data = _serialise("base", {"policy": dict(policy), "obs_rms": dict(rms)})
+        base["sha256"], base["bytes_on_disk"] = _write(tmp / BASE_FILE, data), len(data)
+        base["policy_numel"] = sum(t.numel() for t in policy.values())
+        base["policy_tensor_bytes"] = tensor_bytes(policy)
+        value_data = _serialise("value", {"value": dict(value)})
+        base["value_sha256"], base["value_bytes_on_disk"] = _write(tmp / VALUE_FILE, value_data), len(value_data)
+        _write(tmp / INDEX, json.dumps({"format": FORMAT, "base": base, "adapters": {}}, indent=2, sort_keys=True).encode())
+        if path.exists():
+            path.rmdir()  # empty (checked above): the rename needs the name free
+        os.rename(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (path / INDEX).is_file():  # another run created it first
+            return Library(path)
+        raise LibraryError(f"library {path}: cannot be created ({err.strerror or err})") from None
     return Library(path)
 
 

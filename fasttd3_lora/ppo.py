@@ -78,6 +78,7 @@ class PPOConfig(AlgorithmConfig):
     actor_hidden_dims: tuple[int, ...]
     critic_hidden_dims: tuple[int, ...]
     library_path: str | None
+    library_base: str | None  # a PPO run that creates library_path when it does not exist yet (sweeps)
     library_rank: int | None
     library_alpha: float | None
     library_tasks: tuple[str, ...]
@@ -141,6 +142,7 @@ class PPOConfig(AlgorithmConfig):
             tasks = (str(cfg.task.name),)
         return dict(
             library_path=None if library.path is None else str(library.path),
+            library_base=None if library.get("base") is None else str(library.base),
             library_rank=None if rank == FULL else int(rank),
             library_alpha=None if library.alpha is None else float(library.alpha),
             library_tasks=tasks,
@@ -148,7 +150,7 @@ class PPOConfig(AlgorithmConfig):
 
     @classmethod
     def _group_field_names(cls) -> set[str]:
-        return {"library_path", "library_rank", "library_alpha", "library_tasks"}
+        return {"library_path", "library_base", "library_rank", "library_alpha", "library_tasks"}
 
     @classmethod
     def check_keys(cls, cfg: DictConfig) -> None:
@@ -184,7 +186,10 @@ class PPOConfig(AlgorithmConfig):
         if tasks is not None and path is None:
             raise ConfigError(f"library.tasks={list(tasks)}: needs library.path (the library whose base the "
                               "adapters fine-tune)")  # fmt: skip
-        if path is not None:  # the library itself, before any run directory or env exists
+        base = get(cfg, "library.base")
+        if base is not None and path is None:
+            raise ConfigError(f"library.base={base}: needs library.path (the library it creates)")
+        if path is not None and base is None:  # the library itself, before any run directory or env exists
             try:
                 Library(path)
             except LibraryError as err:

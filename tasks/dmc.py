@@ -88,7 +88,8 @@ class DMCEnv(EnvBase):
     expensive steps per batch step (measured on 2 vCPUs: humanoid N = 8 gains 1.2x over ``num_workers=0``, cheetah
     loses at every N; docs/env_throughput.md). `backend="envpool"` steps EnvPool's C++ port of the same tasks
     (`fasttd3_lora.tasks.dmc_envpool`; `num_workers` is then its thread count). `timeout_s` bounds the wait for
-    any worker reply.
+    any worker reply. `group_size=G` seeds env i from ``seed + i // G``: each run of G consecutive envs starts its
+    episodes from the same states (group-relative fine-tuning, `fasttd3_lora.grpo`).
     """
 
     def __init__(
@@ -102,12 +103,14 @@ class DMCEnv(EnvBase):
         num_workers: int | None = None,
         timeout_s: float = 120.0,
         backend: str = "dm_control",
+        group_size: int = 1,
     ) -> None:
         names = (task,) if isinstance(task, str) else tuple(task)
         if not names:
             raise ValueError("task must be a DMC task name or a non-empty sequence of them")
         parsed = [parse_dmc_task(name) for name in names]
         num_envs = _check_int("num_envs", num_envs, 1)
+        group_size = _check_int("group_size", group_size, 1, num_envs)
         if num_envs % len(names):
             raise ValueError(f"num_envs={num_envs} must be a multiple of the {len(names)} tasks")
         if backend not in BACKENDS:
@@ -137,11 +140,11 @@ class DMCEnv(EnvBase):
 
             self._bounds = slice_bounds(num_envs, 1)
             self._pool: LocalPool | ProcessPool | EnvPoolBatch = EnvPoolBatch(
-                env_tasks, seed, action_repeat, max_episode_steps, num_threads=max(num_workers, 1))
+                env_tasks, seed, action_repeat, max_episode_steps, num_threads=max(num_workers, 1), group_size=group_size)
         else:
             self._bounds = slice_bounds(num_envs, max(num_workers, 1))
             factories = [
-                functools.partial(DMCSlice, env_tasks[lo:hi], seed, lo, action_repeat, max_episode_steps)
+                functools.partial(DMCSlice, env_tasks[lo:hi], seed, lo, action_repeat, max_episode_steps, group_size)
                 for lo, hi in self._bounds
             ]
             if num_workers == 0:

@@ -11,7 +11,8 @@ steps and ends an episode with a LAST step of discount 1 (a truncation; discount
 is done here, as `DMCSlice` does: an env whose episode ends inside the repeat is not stepped again (EnvPool would
 reset it). EnvPool seeds envs only when it builds them, from int32 seeds: env i gets ``((seed + i) mod 2**32) mod
 (2**31 - 1)``, and `seed` rebuilds the pools (every env then needs a reset). Its random initial states come from
-its own generator, so the same seed does not give dm_control's episodes; observations are flattened in
+its own generator, so the same seed does not give dm_control's episodes (with `group_size`, env i draws from
+``i // group_size`` instead of i, as `DMCSlice`); observations are flattened in
 dm_control's order (the layout is read from a dm_control env of the same task).
 
 Tasks: the suite tasks EnvPool ports (`envpool_id`); this package's task families (`dmc_families.EXTRA_TASKS`)
@@ -51,6 +52,7 @@ class EnvPoolBatch:
         action_repeat: int,
         max_episode_steps: int | None,
         num_threads: int = 1,
+        group_size: int = 1,
     ) -> None:
         try:
             import envpool
@@ -62,7 +64,7 @@ class EnvPoolBatch:
                                  "EnvPool does not have; allowed backend=dm_control")  # fmt: skip
             if envpool_id(domain, task) not in envpool.list_all_envs():
                 raise ValueError(f"backend=envpool: EnvPool has no dmc/{domain}-{task} ({envpool_id(domain, task)})")
-        self._envpool, self._threads = envpool, num_threads
+        self._envpool, self._threads, self._group_size = envpool, num_threads, group_size
         self._num_envs, self._repeat = len(tasks), action_repeat
         # dm_control's own facts (layout, actuator names, bounds, control period, episode length) for the first
         # env's task; a dm_control slice also checks that the tasks share one embodiment
@@ -98,7 +100,7 @@ class EnvPoolBatch:
             n = stop - start
             pool = self._envpool.make_dm(
                 envpool_id(*self._tasks[start]), num_envs=n, batch_size=n, num_threads=min(self._threads, n),
-                seed=0, env_seed=[env_seed(seed, i) % INT32_MAX for i in range(start, stop)],
+                seed=0, env_seed=[env_seed(seed, i // self._group_size) % INT32_MAX for i in range(start, stop)],
                 max_episode_steps=self._limit,
             )  # fmt: skip
             self._pools.append((start, pool))

@@ -48,8 +48,10 @@ class DMCSlice:
     """Envs ``first_index .. first_index + len(tasks) - 1`` of a vector of DMC envs; env j of the slice runs
     ``tasks[j]`` (a ``(domain, task)`` of `dmc_families.ALL_TASKS`; several tasks must share one embodiment).
 
-    Env ``i`` (global index) is seeded with ``(seed + i) mod 2**32``. ``max_episode_steps=None`` keeps the task's own time
-    limit; an int replaces it (the dm_control limit is switched off and this slice counts control steps).
+    Env ``i`` (global index) is seeded with ``(seed + i // group_size) mod 2**32``: consecutive groups of
+    `group_size` envs draw the same episode starts (group-relative fine-tuning compares rollouts from one start).
+    ``max_episode_steps=None`` keeps the task's own time limit; an int replaces it (the dm_control limit is switched
+    off and this slice counts control steps).
     """
 
     def __init__(
@@ -59,14 +61,15 @@ class DMCSlice:
         first_index: int,
         action_repeat: int,
         max_episode_steps: int | None,
+        group_size: int = 1,
     ) -> None:
         task_kwargs: dict[str, Any] = {}
         if max_episode_steps is not None:
             task_kwargs["time_limit"] = float("inf")
-        self._first_index = first_index
+        self._first_index, self._group_size = first_index, group_size
         num_envs = len(tasks)
         self._envs = [
-            load(domain, task, task_kwargs={**task_kwargs, "random": env_seed(seed, first_index + j)})
+            load(domain, task, task_kwargs={**task_kwargs, "random": env_seed(seed, (first_index + j) // group_size)})
             for j, (domain, task) in enumerate(tasks)
         ]
         env = self._envs[0]
@@ -150,10 +153,11 @@ class DMCSlice:
         return memoryview(self._buf)
 
     def seed(self, payload: Any) -> memoryview:
-        """Re-seed env i's task RNG with ``(seed + i) mod 2**32``; it takes effect at each env's next reset."""
+        """Re-seed env i's task RNG with ``(seed + i // group_size) mod 2**32``; it takes effect at each env's next
+        reset."""
         (seed,) = np.frombuffer(payload, dtype=np.int64)
         for j, env in enumerate(self._envs):
-            env.task.random.seed(env_seed(int(seed), self._first_index + j))
+            env.task.random.seed(env_seed(int(seed), (self._first_index + j) // self._group_size))
         return memoryview(self._buf)
 
 

@@ -209,9 +209,11 @@ def checkpoint_state(
     replay: ReplayBuffer | NStepReplayBuffer | None,
     generator: torch.Generator,
     env_facts: dict[str, Any] | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything an exact resume needs, as plain containers and tensors (docs/training.md, "Checkpoints");
-    `env_facts` (`export.env_deploy_facts` of the training env) lets export run without rebuilding the env."""
+    `env_facts` (`export.env_deploy_facts` of the training env) lets export run without rebuilding the env;
+    `extra_meta` is what else a loop records (GRPO: its source run's config)."""
     agent_state = agent.state_dict()
     bad = find_nonfinite(agent_state)
     if bad is not None:
@@ -219,6 +221,7 @@ def checkpoint_state(
     meta = {"config": cfg, "overrides": list(overrides), "counters": dataclasses.asdict(counters)}
     if env_facts is not None:
         meta["env"] = env_facts
+    meta.update(extra_meta or {})
     return {
         "meta": meta,
         "agent": agent_state,
@@ -355,6 +358,7 @@ class RunRecord:
         self.progress.update(counters.env_step, eval_return=counters.last_eval_return)
         self._start, self._start_wall = time.monotonic(), counters.wall_time
         self._guard: StopGuard | None = None
+        self.extra_meta: dict[str, Any] = {}  # recorded in every checkpoint's meta (`checkpoint_state`)
 
     def announce(self, what: str) -> None:
         """The run's first line: `started: <what>` or `resumed at env_step N: <what>`."""
@@ -384,7 +388,8 @@ class RunRecord:
     ) -> dict[str, Any]:
         """Write checkpoints/latest.pt (lead only; also `step_<env_step>.pt` with `keep_copy`); returns the state."""
         self.counters.wall_time = self.wall_time()
-        state = checkpoint_state(self.resolved, self.overrides, self.counters, agent, replay, generator, env_facts)
+        state = checkpoint_state(self.resolved, self.overrides, self.counters, agent, replay, generator, env_facts,
+                                 self.extra_meta)  # fmt: skip
         if self.lead:
             save_checkpoint(self.ckpt_dir / LATEST, state)
             if keep_copy:

@@ -29,12 +29,15 @@ from tensordict import TensorDict
 from torch import Tensor
 
 from fasttd3_lora.envs import EnvRequest, env_deploy_facts, make_envs
+from fasttd3_lora.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from fasttd3_lora.library_store import (
+    INDEX,
     Library,
     LibraryError,
     adapter_tensors,
     attach_adapters,
     base_networks,
+    create_library,
 )
 from fasttd3_lora.checks import ConfigError
 from fasttd3_lora.loops.kit import (
@@ -71,11 +74,14 @@ def build(pcfg: PPOConfig, obs_dim: int, act_dim: int, device: torch.device, gen
 
 
 def _open_library(pcfg: PPOConfig) -> Library | None:
+    """The run's library; with `library.base`, created from that PPO run if it does not exist yet."""
     if not pcfg.has_library:
         return None
     try:
+        if pcfg.library_base is not None and not (Path(pcfg.library_path) / INDEX).is_file():
+            create_library(pcfg.library_path, load_checkpoint(resolve_checkpoint(pcfg.library_base)), pcfg.library_base)
         return Library(pcfg.library_path)
-    except LibraryError as err:
+    except (LibraryError, CheckpointError) as err:
         raise ConfigError(f"library.path={pcfg.library_path}: {err}") from None
 
 
