@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fasttd3_lora.library_store import Library, adapter_tensors, attach_adapters, create_library, tensor_bytes
+from fasttd3_lora.library_store import Library, adapter_tensors, attach_adapters, create_library
 from fasttd3_lora.mlp_policy import GaussianPolicy, ValueFunction
 from fasttd3_lora.normalization import RunningMeanStd
 
