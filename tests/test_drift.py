@@ -102,3 +102,51 @@ def test_drift_grows_with_the_rank_at_alpha_equal_rank_and_falls_at_a_fixed_alph
     assert scale_one == sorted(scale_one) and fixed == sorted(fixed, reverse=True)
     full = sum(float(single_layer_run("gaussian", None, steps=100, eta=0.05, g=0.2, seed=s)["drift"][-1]) for s in range(3))
     assert full > scale_one[-1]
+
+
+# --- the experiment driver (fasttd3_lora/experiments/drift.py) ------------------------------------------------
+
+
+def test_spearman_of_monotone_sequences_and_ties():
+    from fasttd3_lora.experiments.drift import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, math.inf], [0.1, 0.3, 0.2, 0.9]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3], [5, 5, 7]) == pytest.approx(math.sqrt(3) / 2)
+
+
+def _fake_run(root, task, rank, coef, seed, kl):  # a finished GRPO run's files, as the app writes them
+    import yaml
+
+    run = root / "runs" / f"{task}_{rank}_{coef}_{seed}"
+    run.mkdir(parents=True)
+    config = {"algo": {"name": "grpo", "rank": rank, "kl_coef": coef}, "task": {"name": task}, "seed": seed}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "metrics.csv").write_text("env_step,kl_ref,kl_ref_max,dW,episode_return,update_s,eval_return\n"
+                                     f"100,{kl / 2},{kl},1.0,5.0,0.5,\n200,{kl},{2 * kl},2.0,6.0,0.7,9.0\n")  # fmt: skip
+
+
+def test_report_groups_runs_by_rank_and_computes_rho_with_the_largest_rank(tmp_path):
+    from fasttd3_lora.experiments.drift import report
+
+    for seed in (0, 1):
+        for rank, kl in (("1", 0.01), ("4", 0.05), ("full", 0.2)):
+            _fake_run(tmp_path, "dmc/walker-run", rank, 0.0, seed, kl * (1 + seed / 10))
+        _fake_run(tmp_path, "dmc/walker-run", "4", 0.1, seed, 0.002)
+    table = report(tmp_path)
+    assert "| dmc/walker-run | 0 | full | 2 | 200 | 0.21 ± 0.01 |" in table
+    assert "| dmc/walker-run | 0.1 | 4 | 2 | 200 | 0.002 ± 0 |" in table and table.count("0.60 ± 0.00") == 4
+    assert "KL coefficient 0: Spearman ρ(rank, mean KL) = 1.00 over ranks 1, 4, full; largest KL at rank full" in table
+    assert (tmp_path / "drift_kl_vs_rank.png").stat().st_size > 0 and (tmp_path / "drift_runs.csv").is_file()
+
+
+def test_single_layer_cli_writes_its_table_and_says_the_bound_held(tmp_path, capsys):
+    from fasttd3_lora.experiments.drift import main
+
+    main(["single-layer", "--out", str(tmp_path), "--seeds", "1"])
+    assert "the bound held at every step in 22 of 22 runs" in capsys.readouterr().out
+    assert (tmp_path / "single_layer.png").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["control", "--out", str(tmp_path), "--from", str(tmp_path / "nothing"), "--task", "dmc/walker-run"])
+    assert exit_info.value.code == 2
