@@ -9,7 +9,11 @@ actions and resets at episode ends:
 * ``ours-inproc``: `DMCEnv(task, N, num_workers=0)`: the TorchRL wrapper's own cost, no workers;
 * ``raw-workers``: the same worker processes (`ProcessPool` of `DMCSlice`, one per core, at most N) driven with
   numpy, without TorchRL: what the process design gives before any TensorDict is built;
-* ``torchrl``: TorchRL's ``ParallelEnv(N, DMControlEnv)`` (capped to a few seconds per repeat: it is slow).
+* ``torchrl``: TorchRL's ``ParallelEnv(N, DMControlEnv)`` (capped to a few seconds per repeat: it is slow);
+* ``envpool``: EnvPool 1.2.5's C++ port (``envpool.make_dm``, one thread per core, at most N), stepped with numpy and
+  its own auto-reset: the raw speed of the simulator backend;
+* ``ours-envpool``: `DMCEnv(task, N, backend="envpool")` through ``step_and_maybe_reset``, the same EnvPool behind
+  our TorchRL interface (its ratio to ``envpool`` is the interface's cost).
 
 Each repeat runs about ``--seconds`` of steps; the table shows the median steps/s over ``--repeats`` and the
 ratio to ``plain``. The load average is printed before, after each row and at the end: run it on a machine as
@@ -89,8 +93,8 @@ def drive(env, actions: torch.Tensor, repeats: int, seconds: float) -> float:
         env.close()
 
 
-def ours(task: str, n: int, repeats: int, seconds: float, num_workers: int | None) -> float:
-    env = DMCEnv(task, n, seed=0, num_workers=num_workers)
+def ours(task: str, n: int, repeats: int, seconds: float, num_workers: int | None, backend: str = "dm_control") -> float:
+    env = DMCEnv(task, n, seed=0, num_workers=num_workers, backend=backend)
     actions = torch.rand(256, *env.action_spec.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     return drive(env, actions, repeats, seconds)
 
@@ -98,7 +102,7 @@ def ours(task: str, n: int, repeats: int, seconds: float, num_workers: int | Non
 def raw_workers(task: str, n: int, repeats: int, seconds: float) -> float:
     domain, name = parse_dmc_task(task)
     bounds = slice_bounds(n, min(n, os.cpu_count() or 1))
-    factories = [functools.partial(DMCSlice, domain, name, 0, lo, hi - lo, 1, None) for lo, hi in bounds]
+    factories = [functools.partial(DMCSlice, [(domain, name)] * (hi - lo), 0, lo, 1, None) for lo, hi in bounds]
     pool = ProcessPool(factories, methods=("step", "reset"), name=task)
     info = pool.infos[0]
     rng = np.random.default_rng(0)
@@ -118,6 +122,28 @@ def raw_workers(task: str, n: int, repeats: int, seconds: float) -> float:
         pool.close()
 
 
+def envpool_raw(task: str, n: int, repeats: int, seconds: float) -> float:
+    import envpool
+
+    from fasttd3_lora.tasks.dmc_envpool import envpool_id
+
+    env = envpool.make_dm(envpool_id(*parse_dmc_task(task)), num_envs=n, batch_size=n, seed=0,
+                          num_threads=min(n, os.cpu_count() or 1))  # fmt: skip
+    env.reset()
+    low, high = env.action_spec().minimum, env.action_spec().maximum
+    actions = np.random.default_rng(0).uniform(low, high, size=(256, n, env.action_spec().shape[0]))
+    ids = np.arange(n, dtype=np.int32)
+
+    def block(k: int) -> None:
+        for t in range(k):
+            env.step(actions[t % 256], ids)  # a finished episode restarts on its next step (EnvPool's auto-reset)
+
+    try:
+        return steps_per_s(block, n, repeats, seconds)
+    finally:
+        env.close()
+
+
 def torchrl_parallel(task: str, n: int, repeats: int, seconds: float) -> float:
     from torchrl.envs import DMControlEnv, ParallelEnv
 
@@ -134,6 +160,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seconds", type=float, default=1.0, help="duration of one repeat (torchrl: capped at this)")
     p.add_argument("--skip-torchrl", action="store_true")
+    p.add_argument("--skip-envpool", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)  # the parent only builds TensorDicts; leave the cores to the workers
 
@@ -143,6 +170,7 @@ def main() -> None:
     print(f"# load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; "
           f"median of {args.repeats} repeats of ~{args.seconds:g} s, action repeat 1")
     cols = ["plain", "ours", "ours-inproc", "raw-workers"] + ([] if args.skip_torchrl else ["torchrl"])
+    cols += [] if args.skip_envpool else ["envpool", "ours-envpool"]
     print("| task | N | " + " | ".join(f"{c} steps/s" for c in cols) + " | " + " | ".join(
         f"{c} / plain" for c in cols[1:]) + " | load after row |")
     print("|---|---:|" + "---:|" * (2 * len(cols) - 1) + "---:|")
@@ -155,9 +183,13 @@ def main() -> None:
                      "raw-workers": raw_workers(task, n, args.repeats, args.seconds)}
             if not args.skip_torchrl:
                 rates["torchrl"] = torchrl_parallel(task, n, args.repeats, args.seconds)
+            if not args.skip_envpool:
+                rates["envpool"] = envpool_raw(task, n, args.repeats, args.seconds)
+                rates["ours-envpool"] = ours(task, n, args.repeats, args.seconds, None, backend="envpool")
             base = rates["plain"]
+            extra = f" | ours-envpool / envpool {rates['ours-envpool'] / rates['envpool']:.2f}x" if not args.skip_envpool else ""
             print(f"| {short} | {n} | " + " | ".join(f"{rates[c]:,.0f}" for c in cols) + " | "
-                  + " | ".join(f"{rates[c] / base:.2f}x" for c in cols[1:]) + f" | {os.getloadavg()[0]:.1f} |",
+                  + " | ".join(f"{rates[c] / base:.2f}x" for c in cols[1:]) + f" | {os.getloadavg()[0]:.1f}{extra} |",
                   flush=True)
     load_after = os.getloadavg()
     print(f"# load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")

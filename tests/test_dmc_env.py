@@ -425,3 +425,80 @@ def test_no_orphan_workers_when_the_parent_dies():
     assert "RuntimeError: boom" in errors["raise"] and "KeyboardInterrupt" in errors["interrupt"]
     for m in modes:
         assert wait_gone(pids[m]), f"workers {pids[m]} outlived their parent ({m})"
+
+
+@pytest.mark.parametrize("backend", ["dm_control", "envpool"])
+def test_lean_step_and_maybe_reset_equals_torchrls_own_across_episode_ends(backend):
+    """DMCEnv overrides step_and_maybe_reset (TorchRL's generic one cost more than an EnvPool batch step): both
+    must give the same next step and the same next root, reset observations included."""
+    from torchrl.envs import EnvBase
+
+    pytest.importorskip("envpool") if backend == "envpool" else None
+    ours, theirs = (DMCEnv("dmc/cartpole-balance", 3, seed=5, max_episode_steps=7, num_workers=0 if backend ==
+                           "dm_control" else 1, backend=backend) for _ in range(2))  # fmt: skip
+    a, b = ours.reset(), theirs.reset()
+    actions = torch.rand(20, 3, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ends = 0
+    for t in range(20):
+        a.set("action", actions[t])
+        b.set("action", actions[t].clone())
+        a, next_a = ours.step_and_maybe_reset(a)
+        b, next_b = EnvBase.step_and_maybe_reset(theirs, b)
+        for key in ("observation", "reward", "done", "terminated", "truncated"):
+            assert torch.equal(a["next", key], b["next", key]), (t, key)
+        for key in ("observation", "done", "terminated", "truncated"):
+            assert torch.equal(next_a[key], next_b[key]), (t, key)
+        ends += int(a["next", "done"].any())
+        a, b = next_a, next_b
+    assert ends == 2  # 7-step episodes, 20 steps: the reset path ran
+    ours.close()
+    theirs.close()
+
+
+# --- the EnvPool backend against dm_control ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["dmc/cartpole-balance", "dmc/walker-walk", "dmc/cheetah-run"])
+def test_envpool_backend_has_dm_controls_specs_layout_and_facts(task):
+    pytest.importorskip("envpool")
+    with DMCEnv(task, 2, seed=0, num_workers=0) as ref, DMCEnv(task, 2, seed=0, backend="envpool") as ep:
+        assert ep.observation_spec == ref.observation_spec and ep.action_spec == ref.action_spec
+        assert ep.observation_layout() == ref.observation_layout() and ep.joint_names == ref.joint_names
+        assert (ep.control_period, ep.max_episode_steps) == (ref.control_period, ref.max_episode_steps)
+        assert torch.equal(ep.action_scale, ref.action_scale) and torch.equal(ep.action_offset, ref.action_offset)
+
+
+def _random_returns(backend: str, seed: int) -> tuple[torch.Tensor, int]:
+    with DMCEnv("dmc/cartpole-balance", 16, action_repeat=2, seed=seed, num_workers=0 if backend == "dm_control" else 1,
+                backend=backend) as env:  # fmt: skip
+        td, returns, steps = env.reset(), torch.zeros(16), 0
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            td.set("action", torch.rand(16, 1, generator=gen) * 2 - 1)
+            td, next_td = env.step_and_maybe_reset(td)
+            returns += td["next", "reward"][:, 0]
+            steps += 1
+            if td["next", "done"].all():
+                assert td["next", "truncated"].all() and not td["next", "terminated"].any()
+                return returns, steps
+            assert not td["next", "done"].any()  # every env ends at the same step
+            td = next_td
+
+
+def test_envpool_episodes_last_as_long_and_pay_like_dm_control():
+    """Same episode length; random-policy returns from the same distribution (EnvPool draws its starts from its own
+    generator, so the same seed gives other episodes: the comparison is statistical, 2 x 16 episodes each)."""
+    pytest.importorskip("envpool")
+    ref = [_random_returns("dm_control", s) for s in (0, 1)]
+    ep = [_random_returns("envpool", s) for s in (0, 1)]
+    assert {n for _, n in ref} == {n for _, n in ep} == {500}  # 1000 control steps at action repeat 2
+    ref_returns, ep_returns = torch.cat([r for r, _ in ref]), torch.cat([r for r, _ in ep])
+    assert abs(ep_returns.mean() - ref_returns.mean()) < 0.1 * ref_returns.mean()
+    assert torch.equal(ep[0][0], _random_returns("envpool", 0)[0])  # a seed repeats exactly
+    assert not torch.equal(ep[0][0], ep[1][0])
+
+
+def test_envpool_backend_refuses_our_task_families_in_one_line():
+    pytest.importorskip("envpool")
+    with pytest.raises(ValueError, match=r"^backend=envpool: dmc/walker-speed_3 is one of this package's task families"):
+        DMCEnv("dmc/walker-speed_3", 2, backend="envpool")
