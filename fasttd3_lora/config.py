@@ -62,7 +62,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 # Top-level keys a resumed run may change: they steer the run, not what is learnt (docs/training.md, "Resume").
 RESUME_MAY_CHANGE = (
     "total_env_steps", "eval_every", "eval_episodes", "checkpoint_every", "save_buffer",
-    "keep_eval_checkpoints", "resume", "logger", "wandb", "device", "threads", "precision",
+    "keep_eval_checkpoints", "resume", "logger", "wandb", "video", "device", "threads", "precision",
     "algo.compile", "algo.compile_mode",  # how the same math is executed, not what it computes
     "algo.eval_every", "algo.checkpoint_every",  # an algorithm's cadence defaults (the top-level keys read them)
 )  # fmt: skip
@@ -278,6 +278,13 @@ def validate_config(cfg: DictConfig) -> None:
     if choice(cfg, "logger", LOGGERS) == "wandb" and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logger=wandb: the wandb package is not installed (pip install 'fasttd3-lora[wandb]')")
     choice(cfg, "wandb.mode", WANDB_MODES)
+    if int_in(cfg, "video.every", 0) > 0:
+        int_in(cfg, "video.height", 16)
+        int_in(cfg, "video.width", 16)
+        int_in(cfg, "video.camera", 0)
+        if get(cfg, "task.family") == "dmc" and OmegaConf.select(cfg, "task.backend") == "envpool":
+            raise ConfigError(f"video.every={get(cfg, 'video.every')}: DMC videos render with task.backend=dm_control "
+                              "(EnvPool's envs are not rendered here)")  # fmt: skip
 
     family = choice(cfg, "task.family", TASK_FAMILIES)
     if family not in entry.families:

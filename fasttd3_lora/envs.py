@@ -40,6 +40,13 @@ class EnvRequest:
     eval_envs: int  # one per evaluation episode (DMC: separate envs; Isaac Lab evaluates on the training env)
     tasks: tuple[str, ...] = ()  # several tasks of one embodiment splitting the envs (a policy library); () = task.name
     group_size: int = 1  # consecutive envs that start their training episodes from the same states (GRPO)
+    render: bool = False  # the env that evaluates will be asked for frames (videos): Isaac Lab makes it with cameras
+
+    @classmethod
+    def of_run(cls, cfg: Any, num_envs: int, action_repeat: int, seed: int, device: str, **more: Any) -> "EnvRequest":
+        """The request of a training run: its task, evaluation episodes and videos from the composed config."""
+        render = bool(cfg.get("video", {}).get("every", 0))
+        return cls(cfg.task, num_envs, action_repeat, seed, str(device), int(cfg.eval_episodes), render=render, **more)
 
 
 def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
@@ -84,7 +91,7 @@ def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
                           "context is a singleton); allowed one task")  # fmt: skip
     try:
         env = isaaclab.make_isaaclab_env(task.name, request.num_envs, request.seed, request.device, task.physics,
-                                         task.headless)  # fmt: skip
+                                         task.headless, render=request.render)  # fmt: skip
     except (isaaclab.IsaacLabUnavailable, ValueError) as err:  # one line each: Isaac Lab missing, a bad task,
         raise ConfigError(str(err)) from None  # physics preset or argument; exit 2
     return env, env

@@ -14,10 +14,11 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -106,6 +107,17 @@ class RunLogger:
             self.tb.add_scalar(key, value, global_step=env_step)
         if self.wandb_run is not None:
             self.wandb_run.log(dict(metrics), step=env_step)
+
+    def log_video(self, env_step: int, tag: str, frames: Sequence[np.ndarray], fps: float, path: Path) -> None:
+        """An episode's frames: `path` (mp4), TensorBoard (an animated GIF under `tag`) and wandb (the mp4)."""
+        from fasttd3_lora.video import gif_summary, write_mp4
+
+        write_mp4(path, frames, fps)
+        self.tb._get_file_writer().add_summary(gif_summary(tag, frames, fps), global_step=env_step)
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({tag: wandb.Video(str(path), fps=int(round(fps)), format="mp4")}, step=env_step)
 
     def close(self) -> None:
         self.csv.close()

@@ -22,6 +22,7 @@ from fasttd3_lora.precision import choose_precision
 from fasttd3_lora.replay import ReplayMemoryError
 from fasttd3_lora.run_status import recording_outcome
 from fasttd3_lora.threads import apply_threads
+from fasttd3_lora.video import prepare_rendering
 
 __all__ = ["train"]
 
@@ -41,6 +42,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         cfg.threads, cfg.precision = threads, precision
     drop_unused_groups(cfg)  # config.yaml records what configured the run, nothing else
     with recording_outcome(run_dir, NonFiniteError, (ConfigError, CheckpointError)) as outcome:
+        if cfg.get("video", {}).get("every", 0) > 0:  # before any simulator loads (MuJoCo reads MUJOCO_GL once)
+            print(f"videos: every {cfg.video.every} evaluation(s), MuJoCo renders with {prepare_rendering()}", flush=True)
         algo_cfg = entry.config.check_hydra(cfg)
         try:
             counters = entry.run(cfg, algo_cfg, run_dir, overrides)

@@ -44,7 +44,7 @@ from fasttd3_lora.tasks.dmc_slice import DMCSlice, result_views, slice_bounds
 from fasttd3_lora.tasks.vector_workers import LocalPool, ProcessPool
 
 PREFIX = "dmc/"
-_METHODS = ("step", "reset", "seed")
+_METHODS = ("step", "reset", "seed", "render")
 _MAX_SEED = 2**32  # dm_control seeds a numpy RandomState, which takes seeds in [0, 2**32)
 
 
@@ -244,6 +244,18 @@ class DMCEnv(EnvBase):
         )
         self._needs_reset &= ~mask_np
         return self._output(observation=obs, done=terminated | truncated, terminated=terminated, truncated=truncated)
+
+    def render_frame(self, env_index: int = 0, height: int = 240, width: int = 320, camera_id: int = 0) -> np.ndarray:
+        """A (height, width, 3) uint8 RGB frame of env `env_index` (videos, `fasttd3_lora.play`). Rendering needs
+        MuJoCo's OpenGL (`fasttd3_lora.video.prepare_rendering` picks EGL or OSMesa before dm_control loads) and
+        runs in this process: an env stepped by workers or by EnvPool is refused in one line."""
+        if self.backend != "dm_control" or not isinstance(self._pool, LocalPool):
+            raise ValueError(f"{self.task_name}: rendering needs backend=dm_control stepped in this process "
+                             f"(num_workers=0); this env has backend={self.backend}, {len(self._pool.pids)} workers")  # fmt: skip
+        _check_int("env_index", env_index, 0, self.num_envs - 1)
+        payload = np.array([env_index, height, width, camera_id], dtype=np.int64)  # in-process: one slice of all
+        (frame,) = self._pool.call("render", [payload])
+        return np.frombuffer(frame, dtype=np.uint8).reshape(height, width, 3).copy()
 
     def step_and_maybe_reset(self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
         """TorchRL's `EnvBase.step_and_maybe_reset` for this env, without its generic machinery (spec checks, key

@@ -152,6 +152,14 @@ class DMCSlice:
         self._truncated[mask] = False
         return memoryview(self._buf)
 
+    def render(self, payload: Any) -> memoryview:
+        """A (height, width, 3) uint8 frame of env ``index`` from MuJoCo camera ``camera`` (payload: int64
+        ``[index, height, width, camera]``). Needs an OpenGL backend (MUJOCO_GL=egl or osmesa), so it runs in the
+        process that asked for it (`DMCEnv.render_frame`), never in a worker."""
+        index, height, width, camera = (int(v) for v in np.frombuffer(payload, dtype=np.int64))
+        frame = self._envs[index].physics.render(height=height, width=width, camera_id=camera)
+        return memoryview(np.ascontiguousarray(frame, dtype=np.uint8)).cast("B")
+
     def seed(self, payload: Any) -> memoryview:
         """Re-seed env i's task RNG with ``(seed + i // group_size) mod 2**32``; it takes effect at each env's next
         reset."""

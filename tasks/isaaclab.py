@@ -55,6 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
@@ -244,6 +245,16 @@ class IsaacLabEnv(EnvBase):
                 stacklevel=3,
             )
 
+    def render_frame(self, env_index: int = 0, height: int = 0, width: int = 0, camera_id: int = 0) -> np.ndarray:
+        """The viewport camera's frame, (H, W, 3) uint8 (videos, `fasttd3_lora.play`): the gym env's ``render()``
+        with ``render_mode="rgb_array"`` (make the env with ``render=True``). Isaac Lab renders its viewer's
+        camera (``cfg.viewer``), not one env or a size of our choosing, so the other arguments are not used."""
+        if getattr(self._env, "render_mode", None) != "rgb_array":
+            raise ValueError(f"{self.task_name}: frames need the env made with render=True (cameras on, "
+                             "render_mode='rgb_array')")  # fmt: skip
+        frame = self._env.render()
+        return np.asarray(frame.cpu() if isinstance(frame, torch.Tensor) else frame, dtype=np.uint8)[..., :3].copy()
+
     def observation_layout(self) -> list[tuple[str, tuple[int, ...]]] | None:
         """``[(term, shape)]`` of the policy observation in order, when the env has an observation manager."""
         manager = getattr(self._env.unwrapped, "observation_manager", None)
@@ -376,11 +387,13 @@ def _check_args(num_envs: Any, seed: Any, device: Any, physics: Any) -> None:
         raise ValueError(f"physics must be None or one of {', '.join(PHYSICS_BACKENDS)}, got {physics!r}")
 
 
-def _make_2x(stack: contextlib.ExitStack, gym_id: str, num_envs: int, seed: int, device: str, headless: bool) -> Any:
-    """Isaac Lab 2.x: the app must run before anything imports the task modules (they import omni.*)."""
+def _make_2x(stack: contextlib.ExitStack, gym_id: str, num_envs: int, seed: int, device: str, headless: bool,
+             render: bool) -> Any:  # fmt: skip
+    """Isaac Lab 2.x: the app must run before anything imports the task modules (they import omni.*). `render`:
+    cameras on and ``render_mode="rgb_array"``, as Isaac Lab's own play.py does for ``--video``."""
     from isaaclab.app import AppLauncher
 
-    launcher = AppLauncher(headless=headless, device=device)
+    launcher = AppLauncher(headless=headless, device=device, enable_cameras=render)
     stack.callback(launcher.app.close)
     import gymnasium as gym
     import isaaclab_tasks  # noqa: F401  (registers the gym ids)
@@ -388,11 +401,12 @@ def _make_2x(stack: contextlib.ExitStack, gym_id: str, num_envs: int, seed: int,
 
     cfg = parse_env_cfg(gym_id, device=device, num_envs=num_envs)
     cfg.seed = seed
-    return gym.make(gym_id, cfg=cfg)
+    return gym.make(gym_id, cfg=cfg, render_mode="rgb_array" if render else None)
 
 
 def _make_3x(
-    stack: contextlib.ExitStack, gym_id: str, num_envs: int, seed: int, device: str, physics: str, headless: bool
+    stack: contextlib.ExitStack, gym_id: str, num_envs: int, seed: int, device: str, physics: str, headless: bool,
+    render: bool,
 ) -> Any:
     """Isaac Lab 3.0: the config resolves before launch, with ``physics`` as the task's preset (its tuned settings
     of that engine); `launch_simulation` starts what the config needs (Kit for Isaac Sim's PhysX) and stays open
@@ -409,8 +423,10 @@ def _make_3x(
     cfg.seed = seed
     cfg.compute_final_obs = True  # extras["final_obs"]: true final observations for time-out bootstrapping
     launcher_args = {"device": device, "visualizer": "none" if headless else "kit"}
+    if render:  # AppLauncher's argument, which launch_simulation hands on (not checked on the 3.0 wheel)
+        launcher_args["enable_cameras"] = True
     stack.enter_context(launch_simulation(cfg, launcher_args))
-    return gym.make(gym_id, cfg=cfg)
+    return gym.make(gym_id, cfg=cfg, render_mode="rgb_array" if render else None)
 
 
 def make_isaaclab_env(
@@ -420,8 +436,10 @@ def make_isaaclab_env(
     device: str = "cuda:0",
     physics: str | None = None,
     headless: bool = True,
+    render: bool = False,
 ) -> IsaacLabEnv:
-    """Start Isaac Lab (2.x or 3.0, whichever is installed) and make `name` (either id) as an `IsaacLabEnv`.
+    """Start Isaac Lab (2.x or 3.0, whichever is installed) and make `name` (either id) as an `IsaacLabEnv`
+    (`render`: with cameras and ``render_mode="rgb_array"``, for `IsaacLabEnv.render_frame`).
 
     `physics` picks 3.0's engine (default `DEFAULT_PHYSICS`, the paper's PhysX); 2.x has PhysX only. Raises
     `ValueError` for an unknown task or a bad argument, `IsaacLabUnavailable` when Isaac Lab cannot be imported."""
@@ -437,9 +455,9 @@ def make_isaaclab_env(
     stack = contextlib.ExitStack()
     try:
         if api == "2.x":
-            env = _make_2x(stack, gym_id, num_envs, seed, device, headless)
+            env = _make_2x(stack, gym_id, num_envs, seed, device, headless, render)
         else:
-            env = _make_3x(stack, gym_id, num_envs, seed, device, physics or DEFAULT_PHYSICS, headless)
+            env = _make_3x(stack, gym_id, num_envs, seed, device, physics or DEFAULT_PHYSICS, headless, render)
     except ImportError as exc:
         stack.close()
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

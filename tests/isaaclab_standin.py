@@ -32,6 +32,9 @@ decrease of the distance to the target. Episodes end by a random termination (pr
 ``termination_prob`` per step), by leaving the box ``|x| <= bound`` (termination), or after
 ``max_episode_length`` steps (time-out), so every path of a consumer is hit within a few dozen steps.
 
+Rendering (``render_mode="rgb_array"`` at ``gym.make``, as Isaac Lab's play.py asks for videos): ``render()`` returns
+the viewport as a (48, 64, 3) uint8 array; here a white column at env 0's first coordinate on a black frame.
+
 Ground truth for tests: after each step, ``last_pre_reset_obs`` holds copies of the observations of every env
 computed before the in-step reset and ``last_reset_mask`` the envs that were reset.
 """
@@ -226,8 +229,9 @@ class StandInIsaacLabEnv:
 class GymMadeEnv:
     """What ``gym.make`` returns around an Isaac Lab env: forwards calls, refuses a step before the first reset."""
 
-    def __init__(self, env: StandInIsaacLabEnv) -> None:
+    def __init__(self, env: StandInIsaacLabEnv, render_mode: str | None = None) -> None:
         self.unwrapped = env
+        self.render_mode = render_mode
         self._has_reset = False
 
     def reset(self, **kwargs: Any) -> tuple[dict[str, Tensor], dict]:
@@ -242,7 +246,17 @@ class GymMadeEnv:
     def close(self) -> None:
         self.unwrapped.close()
 
+    def render(self) -> Any:
+        if self.render_mode != "rgb_array":
+            return None
+        import numpy as np
 
-def make_standin(num_envs: int = 64, dim: int = 3, **kwargs: Any) -> GymMadeEnv:
-    """A stand-in env as ``gym.make`` would hand it over (keyword arguments go to `StandInIsaacLabEnv`)."""
-    return GymMadeEnv(StandInIsaacLabEnv(num_envs, dim, **kwargs))
+        frame = np.zeros((48, 64, 3), dtype=np.uint8)
+        column = int((float(self.unwrapped.pos[0, 0]) / self.unwrapped.bound + 1.0) * 31.5)
+        frame[:, min(max(column, 0), 63)] = 255
+        return frame
+
+
+def make_standin(num_envs: int = 64, dim: int = 3, render_mode: str | None = None, **kwargs: Any) -> GymMadeEnv:
+    """A stand-in env as ``gym.make`` would hand it over (other keyword arguments go to `StandInIsaacLabEnv`)."""
+    return GymMadeEnv(StandInIsaacLabEnv(num_envs, dim, **kwargs), render_mode=render_mode)

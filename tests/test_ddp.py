@@ -49,7 +49,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
 
     seeds: list[int] = []
 
-    def factory(name, num_envs, seed, device, physics, headless):
+    def factory(name, num_envs, seed, device, physics, headless, render=False):
         seeds.append(seed)
         return isaaclab.IsaacLabEnv(standin.make_standin(num_envs, 3, seed=seed, final_obs=True), task="standin")
 

@@ -143,7 +143,7 @@ class StandInFactory:
         self.pre_reset_obs: list[torch.Tensor] = []
         self.reset_masks: list[torch.Tensor] = []
 
-    def __call__(self, name, num_envs, seed, device, physics, headless) -> IsaacLabEnv:
+    def __call__(self, name, num_envs, seed, device, physics, headless, render=False) -> IsaacLabEnv:
         self.calls.append((name, num_envs, seed, device, physics, headless))
         gym_env = standin.make_standin(num_envs, 3, seed=seed, **self.kwargs)
         inner_step = gym_env.step
@@ -163,7 +163,7 @@ def _spy_loop(monkeypatch: pytest.MonkeyPatch, factory: StandInFactory) -> dict:
     """Capture the agent, the masks handed to on_episode_end and every step written to the buffer; tell the
     factory when the app evaluates."""
     seen: dict = {"masks": [], "added": []}
-    build, evaluate = loop.build, loop.evaluate
+    build, evaluate = loop.build, loop.RunRecord.evaluate
 
     def spying_build(*args, **kwargs):
         agent, replay = build(*args, **kwargs)
@@ -181,7 +181,7 @@ def _spy_loop(monkeypatch: pytest.MonkeyPatch, factory: StandInFactory) -> dict:
             factory.evaluating = False
 
     monkeypatch.setattr(loop, "build", spying_build)
-    monkeypatch.setattr(loop, "evaluate", flagged_evaluate)
+    monkeypatch.setattr(loop.RunRecord, "evaluate", flagged_evaluate)
     return seen
 
 

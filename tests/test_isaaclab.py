@@ -10,6 +10,7 @@ import sys
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -418,9 +419,10 @@ class FakeIsaacLab30:
                 raise ValueError(f"Unknown preset(s): {overrides[0].split('=', 1)[1]}")
             return types.SimpleNamespace(seed=None, compute_final_obs=False)
 
-        def make(gym_id, cfg):
+        def make(gym_id, cfg, render_mode=None):
             fake.calls["make"] = (gym_id, cfg)
-            env = (env_factory or (lambda: standin.make_standin(8, 3, final_obs=True)))()
+            fake.calls["render_mode"] = render_mode
+            env = (env_factory or (lambda: standin.make_standin(8, 3, final_obs=True, render_mode=render_mode)))()
             close = env.close
 
             def closing():
@@ -455,6 +457,21 @@ def test_3_0_physics_is_the_tasks_preset_not_a_launcher_rebuild(monkeypatch: pyt
     assert fake.calls["parse"][3] == ["physics=isaacsim_physx"]
     with pytest.raises(ValueError, match=r"^physics=ovphysx: Isaac-Velocity-Rough-G1 has no such preset \(Unknown"):
         make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 5, "cpu", physics="ovphysx")
+
+
+def test_a_rendering_env_has_cameras_and_rgb_frames_and_others_refuse_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeIsaacLab30(monkeypatch)
+    env = make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 5, "cpu", render=True)
+    assert fake.calls["launch"]["enable_cameras"] is True and fake.calls["render_mode"] == "rgb_array"
+    env.reset()
+    frame = env.render_frame()
+    assert frame.shape == (48, 64, 3) and frame.dtype == np.uint8 and frame.max() == 255
+    env.close()
+    plain = make_isaaclab_env("Isaac-Velocity-Rough-G1-v0", 8, 5, "cpu")
+    assert "enable_cameras" not in fake.calls["launch"] and fake.calls["render_mode"] is None
+    with pytest.raises(ValueError, match="frames need the env made with render=True"):
+        plain.render_frame()
+    plain.close()
 
 
 def test_3_0_without_isaac_sim_is_one_line_naming_what_runs_without_it(monkeypatch: pytest.MonkeyPatch) -> None:

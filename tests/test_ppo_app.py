@@ -263,7 +263,7 @@ def test_library_with_sac_or_a_missing_library_is_refused_at_the_command_line(tm
 def test_ppo_on_isaaclab_runs_through_the_app_with_the_stand_in(tmp_path, monkeypatch) -> None:
     made = []
 
-    def factory(name, num_envs, seed, device, physics, headless) -> IsaacLabEnv:
+    def factory(name, num_envs, seed, device, physics, headless, render=False) -> IsaacLabEnv:
         made.append((name, num_envs))
         return IsaacLabEnv(standin.make_standin(num_envs, 3, seed=seed, final_obs=True), task="standin")
 

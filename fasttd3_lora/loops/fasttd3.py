@@ -37,7 +37,6 @@ from fasttd3_lora.loops.kit import (
     UpdateMetrics,
     advance,
     episode_seed,
-    evaluate,
     load_resume,
     reported_stops,
     restore,
@@ -105,8 +104,7 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
     with ExitStack() as stack:
         if ddp is not None:
             stack.callback(ddp.close)
-        env, eval_env = make_envs(EnvRequest(cfg.task, num_envs, fcfg.action_repeat, seed, str(device),
-                                             cfg.eval_episodes))  # fmt: skip
+        env, eval_env = make_envs(EnvRequest.of_run(cfg, num_envs, fcfg.action_repeat, seed, str(device)))
         stack.callback(env.close)
         shares_env = eval_env is env  # Isaac Lab: one env per process
         if not shares_env:
@@ -200,7 +198,7 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
                 paused = time.monotonic()
                 if evaluation and lead:
                     eval_seed = episode_seed(cfg.seed, counters.env_step, stream=1)
-                    record.log_eval(*evaluate(_Deterministic(agent), eval_env, eval_seed))
+                    record.evaluate(_Deterministic(agent), eval_env, eval_seed)
                 if checkpoint_due:
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 if restart and not end:

@@ -40,7 +40,6 @@ from fasttd3_lora.loops.kit import (
     UpdateMetrics,
     advance,
     episode_seed,
-    evaluate,
     load_resume,
     reported_stops,
     restore_on_policy,
@@ -103,8 +102,8 @@ def run(cfg: DictConfig, gcfg: GRPOConfig, run_dir: str | Path, overrides: Seque
     seed_everything(cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed)  # actions and minibatch order
     with ExitStack() as stack:
-        env, eval_env = make_envs(EnvRequest(cfg.task, num_envs, gcfg.action_repeat, cfg.seed, cfg.device,
-                                             cfg.eval_episodes, group_size=gcfg.group_size))  # fmt: skip
+        env, eval_env = make_envs(EnvRequest.of_run(cfg, num_envs, gcfg.action_repeat, cfg.seed, cfg.device,
+                                                    group_size=gcfg.group_size))  # fmt: skip
         stack.callback(env.close)
         stack.callback(eval_env.close)
         obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
@@ -169,7 +168,7 @@ def run(cfg: DictConfig, gcfg: GRPOConfig, run_dir: str | Path, overrides: Seque
                 # 4. evaluate, checkpoint
                 paused = time.monotonic()
                 if evaluation:
-                    record.log_eval(*evaluate(agent, eval_env, episode_seed(cfg.seed, counters.env_step, stream=1)))
+                    record.evaluate(agent, eval_env, episode_seed(cfg.seed, counters.env_step, stream=1))
                 if checkpoint_due:
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 row_time += time.monotonic() - paused

@@ -43,6 +43,7 @@ from fasttd3_lora.checkpoint import (
 )
 from fasttd3_lora.config import check_resume_compatible, upgrade_saved
 from fasttd3_lora.run_logging import Progress, RunLogger
+from fasttd3_lora.video import VideoError
 
 if TYPE_CHECKING:
     from torchrl.envs import EnvBase
@@ -146,22 +147,29 @@ def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
 
 
 @torch.no_grad()
-def episode_returns(agent: Agent, env: EnvBase, seed: int) -> Tensor:
+def episode_returns(
+    agent: Agent, env: EnvBase, seed: int, frames: list[np.ndarray] | None = None, frame_size: tuple[int, int, int] = (240, 320, 0)
+) -> Tensor:
     """The return of one deterministic episode per eval env (DESIGN §5: 10), on the env's device. An env whose
     rows belong to several tasks (`task_ids`, a policy library's multi-task env) hands each row's task to the
-    agent's `act`."""
+    agent's `act`. With a `frames` list, the env's `render_frame` of env 0 ((height, width, camera) of
+    `frame_size`) is appended after the reset and after every step of env 0's episode (a video of it)."""
     env.set_seed(seed)
     td = env.reset()
     task_ids = getattr(env, "task_ids", None)
     task = {} if task_ids is None else {"task": task_ids}
     returns = torch.zeros(env.batch_size, device=env.device)  # on the env's device: Isaac Lab's rewards are CUDA
     running = torch.ones(env.batch_size, dtype=torch.bool, device=env.device)
+    if frames is not None:
+        frames.append(env.render_frame(0, *frame_size))
     while bool(running.any()):
         td.set("action", agent.act(td["observation"], deterministic=True, **task).to(env.device))
         td, next_td = env.step_and_maybe_reset(td)
         # squeeze / logical_not rather than [:, 0] / ~: the same, and ops that PyTorch's fake tensors run on a
         # claimed cuda device, so tests/test_devices.py can check that nothing here lives on the host
         returns += td["next", "reward"].squeeze(-1) * running
+        if frames is not None and bool(running[0]):
+            frames.append(env.render_frame(0, *frame_size))
         running &= td["next", "done"].squeeze(-1).logical_not()
         td = next_td
     return returns
@@ -342,7 +350,8 @@ class RunRecord:
         learning_from: int = 0,
         lead: bool = True,
     ) -> None:
-        self.run_dir, self.resolved, self.overrides = Path(run_dir), resolved, list(overrides)
+        self.run_dir, self.resolved, self.overrides, self.cfg = Path(run_dir), resolved, list(overrides), cfg
+        self._evaluations = 0  # of this process (videos every `video.every` of them)
         self.ckpt_dir = self.run_dir / CHECKPOINT_DIR
         self.counters, self.lead, self.resumed = counters, lead, resumed
         self.logger: RunLogger | _Silent = _Silent()
@@ -376,6 +385,25 @@ class RunRecord:
         self.counters.last_eval_return = mean
         self.log({"eval_return": mean, "eval_return_std": std})
         self.progress.update(self.counters.env_step, eval_return=mean)
+
+    def evaluate(self, agent: Agent, env: EnvBase, seed: int) -> Tensor:
+        """`episode_returns`, logged (`log_eval`), with a video of the first episode every `video.every`
+        evaluations (`<run dir>/videos/eval_<env_step>.mp4`, TensorBoard, wandb); returns the returns."""
+        video = self.cfg.get("video", {}) if self.lead else {}
+        self._evaluations += 1
+        frames = [] if video.get("every", 0) and self._evaluations % video["every"] == 0 else None
+        returns = episode_returns(agent, env, seed, frames, (video.get("height", 240), video.get("width", 320),
+                                                             video.get("camera", 0)))  # fmt: skip
+        self.log_eval(returns.mean().item(), returns.std(correction=0).item())
+        if frames:
+            step = self.counters.env_step
+            try:
+                self.logger.log_video(step, "eval_video", frames, 1.0 / env.control_period,
+                                      self.run_dir / "videos" / f"eval_{step}.mp4")  # fmt: skip
+            except VideoError as err:  # a video is not worth the run: say so once and stop making them
+                self.progress.write(f"{err}; no more videos in this run")
+                self.cfg.video.every = 0
+        return returns
 
     def checkpoint(
         self,

@@ -45,7 +45,6 @@ from fasttd3_lora.loops.kit import (
     RunRecord,
     UpdateMetrics,
     advance,
-    episode_returns,
     episode_seed,
     load_resume,
     reported_stops,
@@ -105,8 +104,8 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
     seed_everything(cfg.seed)  # network weights are drawn from torch's global RNG
     generator = torch.Generator(device).manual_seed(cfg.seed)  # actions and minibatch order
     with ExitStack() as stack:
-        env, eval_env = make_envs(EnvRequest(cfg.task, num_envs, pcfg.action_repeat, cfg.seed, cfg.device,
-                                             cfg.eval_episodes, pcfg.library_tasks))  # fmt: skip
+        env, eval_env = make_envs(EnvRequest.of_run(cfg, num_envs, pcfg.action_repeat, cfg.seed, cfg.device,
+                                                    tasks=pcfg.library_tasks))  # fmt: skip
         stack.callback(env.close)
         shares_env = eval_env is env  # Isaac Lab: one env per process
         if not shares_env:
@@ -195,9 +194,8 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
                 paused = time.monotonic()
                 if evaluation:
                     eval_seed = episode_seed(cfg.seed, counters.env_step, stream=1)
-                    returns = episode_returns(agent, eval_env, eval_seed)
+                    returns = record.evaluate(agent, eval_env, eval_seed)
                     last_eval = _per_task(returns, getattr(eval_env, "task_ids", None), tasks, "eval_return")
-                    record.log_eval(returns.mean().item(), returns.std(correction=0).item())
                     if last_eval:
                         record.log(last_eval)
                 if checkpoint_due:

@@ -30,7 +30,6 @@ from fasttd3_lora.loops.kit import (
     UpdateMetrics,
     advance,
     episode_seed,
-    evaluate,
     load_resume,
     reported_stops,
     restore,
@@ -64,8 +63,7 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
     seed_everything(cfg.seed)  # network weights are drawn from torch's global RNG
     generator = torch.Generator(device).manual_seed(cfg.seed)  # actions, noise and replay sampling
     with ExitStack() as stack:
-        env, eval_env = make_envs(EnvRequest(cfg.task, algo.num_envs, algo.action_repeat, cfg.seed, cfg.device,
-                                             cfg.eval_episodes))  # fmt: skip
+        env, eval_env = make_envs(EnvRequest.of_run(cfg, algo.num_envs, algo.action_repeat, cfg.seed, cfg.device))
         stack.callback(env.close)
         stack.callback(eval_env.close)
         obs_dim, act_dim = env.observation_spec["observation"].shape[-1], env.action_spec.shape[-1]
@@ -137,7 +135,7 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
                 # 5. evaluate, checkpoint (their time is left out of SPS)
                 paused = time.monotonic()
                 if evaluation:
-                    record.log_eval(*evaluate(agent, eval_env, episode_seed(cfg.seed, counters.env_step, stream=1)))
+                    record.evaluate(agent, eval_env, episode_seed(cfg.seed, counters.env_step, stream=1))
                 if checkpoint_due:
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                     if not end:
