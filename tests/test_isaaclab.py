@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import subprocess
 import sys
 import types
 import warnings
@@ -114,9 +115,13 @@ def test_task_config_matches_the_table_under_either_id(row) -> None:
 
 
 def test_import_needs_no_isaac_lab() -> None:
-    # This module imported fasttd3_lora.tasks and .isaaclab above; none of Isaac Lab's stack came with them.
+    """Importing the wrapper (and the app's env builders) brings none of Isaac Lab's stack: checked in a fresh
+    process, since other tests of a session import gymnasium (EnvPool does)."""
     heavy = ("isaaclab", "isaaclab_tasks", "isaacsim", "omni", "gymnasium")
-    assert [m for m, mod in sys.modules.items() if m.split(".")[0] in heavy and mod is not None] == []
+    code = ("import sys, fasttd3_lora.tasks.isaaclab, fasttd3_lora.envs; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.skipif(detect_isaaclab() is not None, reason="Isaac Lab is installed here")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
+from fasttd3_lora.checkpoint import save_checkpoint
 from fasttd3_lora.config import compose_config, config_dir, group_options
 from fasttd3_lora.networks import make_critic
 from fasttd3_lora.param_counts import lora_critic_trainable, matched_lora_rank, sparse_critic_trainable
@@ -29,14 +31,30 @@ EXPECTED_JOBS = {
     "ablation_nobase": 2 * 5,
     "ablation_sparsity": 2 * 5 * 4,
     "ablation_rank_budget": 2 * 5 * 4,
+    "cpu_demo": 1,  # make train: one run, no sweep
+    "library_walker": 3 * 3,  # seeds x ranks, 8 tasks per run
+    "library_walker_single": 3 * 8,
+    "library_walker_scratch": 3 * 8,
+    "drift": 3 * 6,  # seeds x ranks (full included)
 }
+# What a preset needs from the command line (docs/library.md, docs/drift.md): a base run, a run to fine-tune.
+REQUIRED = {"library_walker": ["library.base=/runs/base"], "library_walker_single": ["library.base=/runs/base"],
+            "drift": ["grpo.from={source}"]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A checkpoint as a PPO run writes it, as far as composing a GRPO config reads one."""
+    path = tmp_path_factory.mktemp("source") / "latest.pt"
+    save_checkpoint(path, {"meta": {"config": {"algo": {"name": "ppo", "action_repeat": 2}}}})
+    return path
 
 
 def jobs(experiment: str, command_line: tuple[str, ...] = ()) -> list[list[str]]:
     """The job overrides Hydra's basic sweeper makes for `-m experiment=<experiment> <command_line>`: the
     preset's hydra.sweeper.params first, then the command line (BasicSweeper.sweep does exactly this)."""
-    cfg = compose_config([f"experiment={experiment}"], with_hydra=True)
-    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    cfg = compose_config([f"experiment={experiment}"], with_hydra=True, check=False)
+    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides([*params, *command_line])
     (batch,) = BasicSweeper.split_arguments(parsed, None)
     return batch
@@ -47,14 +65,15 @@ def test_every_preset_is_listed_here() -> None:
 
 
 @pytest.mark.parametrize("experiment", sorted(EXPECTED_JOBS))
-def test_presets_compose_and_expand_to_their_grid(experiment: str) -> None:
-    batch = jobs(experiment)
+def test_presets_compose_and_expand_to_their_grid(experiment: str, source: Path) -> None:
+    batch = jobs(experiment) or [[]]
     assert len(batch) == EXPECTED_JOBS[experiment]
     assert len({tuple(sorted(job)) for job in batch}) == len(batch)  # no job twice
     # Jobs compose and validate: one job per value of each axis (the product of valid values adds nothing).
-    sample = list({job[axis]: job for job in batch for axis in range(len(job))}.values())
+    sample = list({job[axis]: job for job in batch for axis in range(len(job))}.values()) or [[]]
+    required = [r.format(source=source) for r in REQUIRED.get(experiment, [])]
     for job in sample:
-        cfg = compose_config([f"experiment={experiment}", *job])
+        cfg = compose_config([f"experiment={experiment}", *required, *job])
         assert cfg.seed in range(5)
 
 
