@@ -90,9 +90,9 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(SACConfig, TanhGaussianActor, ("dmc",), "fasttd3_lora.loops.sac", _simbav2_actor(TanhGaussianActor)),
         Algorithm(FastTD3Config, DeterministicActor, ("dmc", "isaaclab"), "fasttd3_lora.loops.fasttd3",
                   _simbav2_actor(DeterministicActor)),
-        Algorithm(PPOConfig, GaussianPolicy, ("dmc", "isaaclab"), "fasttd3_lora.loops.ppo", _mlp_policy),
+        Algorithm(PPOConfig, GaussianPolicy, ("dmc", "metaworld", "isaaclab"), "fasttd3_lora.loops.ppo", _mlp_policy),
         # Isaac Lab draws each env's start from its own generator: a group of envs cannot share one (docs/drift.md)
-        Algorithm(GRPOConfig, GaussianView, ("dmc",), "fasttd3_lora.loops.grpo", _grpo_policy),
+        Algorithm(GRPOConfig, GaussianView, ("dmc", "metaworld"), "fasttd3_lora.loops.grpo", _grpo_policy),
     )
 }
 

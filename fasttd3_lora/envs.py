@@ -2,8 +2,8 @@
 says about its interface for deployment (DESIGN §7, §8).
 
 `make_envs(EnvRequest(...))` dispatches on `task.family` (`ENV_BUILDERS`): `dmc` is the vectorised DeepMind
-Control env (`fasttd3_lora.tasks.dmc`), `isaaclab` Isaac Lab (`fasttd3_lora.tasks.isaaclab`, imported only when
-a run needs it). A request carries every value a builder reads, taken from the run's algorithm config once, so
+Control env (`fasttd3_lora.tasks.dmc`), `metaworld` Meta-World through EnvPool (`fasttd3_lora.tasks.metaworld`),
+`isaaclab` Isaac Lab (`fasttd3_lora.tasks.isaaclab`, imported only when a run needs it). A request carries every value a builder reads, taken from the run's algorithm config once, so
 nothing is written back into the Hydra config. `env_deploy_facts(env)` is what checkpoints record for export.
 """
 
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from fasttd3_lora.tasks.dmc import DMCEnv
     from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
+    from fasttd3_lora.tasks.metaworld import MetaWorldEnv
 
 __all__ = ["EnvRequest", "ENV_BUILDERS", "TASK_FAMILIES", "make_envs", "env_deploy_facts"]
 
@@ -77,6 +78,30 @@ def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
     return train_envs, envs(request.eval_envs * len(tasks), 1 if backend == "envpool" else 0)
 
 
+def make_metaworld_envs(request: EnvRequest) -> tuple[MetaWorldEnv, MetaWorldEnv]:
+    """Meta-World through EnvPool (`fasttd3_lora.tasks.metaworld`): the training envs (one EnvPool thread per core)
+    and the evaluation envs (one per eval episode and task, one thread)."""
+    from fasttd3_lora.tasks.metaworld import MetaWorldEnv
+
+    task = request.task
+    if request.render:
+        raise ConfigError(f"video.every: Meta-World runs on EnvPool here, whose frames are not wired up; allowed 0 "
+                          f"for {task.name}")  # fmt: skip
+    if not isinstance(task.get("partially_observable"), bool):
+        raise ConfigError(f"task.partially_observable={task.get('partially_observable')!r}: allowed true or false")
+    tasks = request.tasks or (task.name,)
+
+    def envs(num_envs: int, threads: int, group_size: int = 1) -> MetaWorldEnv:
+        try:
+            return MetaWorldEnv(tasks, num_envs, action_repeat=request.action_repeat, seed=request.seed,
+                                max_episode_steps=task.max_episode_steps, num_threads=threads,
+                                partially_observable=task.partially_observable, group_size=group_size)  # fmt: skip
+        except ValueError as err:  # envpool missing, a task EnvPool lacks: one line, exit 2
+            raise ConfigError(f"task.name={task.name}: {err}") from None
+
+    return envs(request.num_envs, os.cpu_count() or 1, request.group_size), envs(request.eval_envs * len(tasks), 1)
+
+
 def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
     """The Isaac Lab env, twice: Isaac Lab allows one env per process (its simulation context is a singleton),
     so evaluation runs on the training env (the loop restarts the training episodes after it)."""
@@ -100,6 +125,7 @@ def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
 # task.family -> (training envs, evaluation envs)
 ENV_BUILDERS: dict[str, Callable[[EnvRequest], tuple[EnvBase, EnvBase]]] = {
     "dmc": make_dmc_envs,
+    "metaworld": make_metaworld_envs,
     "isaaclab": make_isaaclab_envs,
 }
 TASK_FAMILIES = tuple(ENV_BUILDERS)

@@ -64,7 +64,12 @@ def test_every_group_option_composes_and_validates(default_cfg) -> None:
             if (group, option) == ("algo", "grpo"):  # fine-tunes a run named on the command line
                 with pytest.raises(ConfigError, match=r"^grpo.from=None: allowed a run directory"):
                     validate_config(cfg)
-            elif cfg.algo.name in ALGORITHMS and cfg.task.family in TASK_FAMILIES:
+            elif cfg.algo.name in ALGORITHMS and cfg.task.family in ALGORITHMS[cfg.algo.name].families:
+                validate_config(cfg)
+            elif cfg.algo.name in ALGORITHMS and cfg.task.family in TASK_FAMILIES:  # the default SAC on Meta-World
+                with pytest.raises(ConfigError, match=rf"^task.family='{cfg.task.family}': sac runs dmc tasks only"):
+                    validate_config(cfg)
+                cfg.algo = compose(config_name="config", overrides=["algo=ppo"]).algo
                 validate_config(cfg)
             else:  # an agent or env family the app cannot build yet is refused up front, by name
                 with pytest.raises(ConfigError, match=r"^(algo\.name|task\.family)='\w+': allowed one of"):

@@ -148,18 +148,22 @@ def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
 
 @torch.no_grad()
 def episode_returns(
-    agent: Agent, env: EnvBase, seed: int, frames: list[np.ndarray] | None = None, frame_size: tuple[int, int, int] = (240, 320, 0)
-) -> Tensor:
+    agent: Agent, env: EnvBase, seed: int, frames: list[np.ndarray] | None = None,
+    frame_size: tuple[int, int, int] = (240, 320, 0), solved: list[Tensor] | None = None,
+) -> Tensor:  # fmt: skip
     """The return of one deterministic episode per eval env (DESIGN §5: 10), on the env's device. An env whose
     rows belong to several tasks (`task_ids`, a policy library's multi-task env) hands each row's task to the
     agent's `act`. With a `frames` list, the env's `render_frame` of env 0 ((height, width, camera) of
-    `frame_size`) is appended after the reset and after every step of env 0's episode (a video of it)."""
+    `frame_size`) is appended after the reset and after every step of env 0's episode (a video of it). With a
+    `solved` list and an env that reports ``success`` (Meta-World), whether each episode succeeded in any of its
+    steps is appended."""
     env.set_seed(seed)
     td = env.reset()
     task_ids = getattr(env, "task_ids", None)
     task = {} if task_ids is None else {"task": task_ids}
     returns = torch.zeros(env.batch_size, device=env.device)  # on the env's device: Isaac Lab's rewards are CUDA
     running = torch.ones(env.batch_size, dtype=torch.bool, device=env.device)
+    success = None  # per env: solved in some step (envs that report success)
     if frames is not None:
         frames.append(env.render_frame(0, *frame_size))
     while bool(running.any()):
@@ -168,10 +172,14 @@ def episode_returns(
         # squeeze / logical_not rather than [:, 0] / ~: the same, and ops that PyTorch's fake tensors run on a
         # claimed cuda device, so tests/test_devices.py can check that nothing here lives on the host
         returns += td["next", "reward"].squeeze(-1) * running
+        if "success" in td["next"].keys():
+            success = td["next", "success"].squeeze(-1) & running | (success if success is not None else False)
         if frames is not None and bool(running[0]):
             frames.append(env.render_frame(0, *frame_size))
         running &= td["next", "done"].squeeze(-1).logical_not()
         td = next_td
+    if solved is not None and success is not None:
+        solved.append(success)
     return returns
 
 
@@ -392,9 +400,12 @@ class RunRecord:
         video = self.cfg.get("video", {}) if self.lead else {}
         self._evaluations += 1
         frames = [] if video.get("every", 0) and self._evaluations % video["every"] == 0 else None
+        solved: list[Tensor] = []
         returns = episode_returns(agent, env, seed, frames, (video.get("height", 240), video.get("width", 320),
-                                                             video.get("camera", 0)))  # fmt: skip
+                                                             video.get("camera", 0)), solved)  # fmt: skip
         self.log_eval(returns.mean().item(), returns.std(correction=0).item())
+        if solved:  # the env says when a task is solved (Meta-World): the success rate of the episodes
+            self.log({"eval_success": solved[0].float().mean().item()})
         if frames:
             step = self.counters.env_step
             try:
