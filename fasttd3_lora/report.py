@@ -36,11 +36,11 @@ import numpy as np
 import yaml
 
 from fasttd3_lora.checkpoint import CHECKPOINT_DIR, LATEST, CheckpointError, load_checkpoint
-from fasttd3_lora.config import config_dir, group_options, path_safe
+from fasttd3_lora.config import config_dir, group_options, path_safe, run_tag
 from fasttd3_lora.reference import REFERENCE, reference_curve
 from fasttd3_lora.run_status import STATUS_FILE, read_status
 
-__all__ = ["Run", "find_runs", "load_run", "eval_curve", "column_labels", "write_report", "main"]
+__all__ = ["Run", "find_runs", "load_run", "per_task", "eval_curve", "column_labels", "write_report", "main"]
 
 EXIT_BAD_PATH = 2
 # Keys that steer a run without changing what it learns or how it is measured: not part of a run's group.
@@ -60,6 +60,7 @@ class Run:
     reason: str = ""
     evals: list[tuple[int, float]] = field(default_factory=list)  # (env_step, eval_return)
     losses: list[tuple[int, float]] = field(default_factory=list)  # (env_step, critic_loss) of training rows
+    task_evals: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # a library run's eval_return/<task>
 
     @property
     def total(self) -> int | None:
@@ -112,9 +113,11 @@ def load_run(path: Path) -> Run:
         rows = _metrics_rows(path)
         evals = [(int(r["env_step"]), float(r["eval_return"])) for r in rows if r.get("eval_return")]
         losses = [(int(r["env_step"]), float(r["critic_loss"])) for r in rows if r.get("critic_loss")]
+        task_evals = {key.removeprefix("eval_return/"): [(int(r["env_step"]), float(r[key])) for r in rows if r.get(key)]
+                      for key in (rows[0] if rows else {}) if key.startswith("eval_return/")}  # fmt: skip
     except (OSError, ValueError, KeyError, yaml.YAMLError) as err:
         return Run(path, {}, "crashed", f"unreadable config.yaml / metrics.csv ({type(err).__name__}: {err})")
-    run = Run(path, config, "finished", evals=evals, losses=losses)
+    run = Run(path, config, "finished", evals=evals, losses=losses, task_evals=task_evals)
     last_step = max([int(r["env_step"]) for r in rows if r.get("env_step")], default=0)
     if status is not None:
         run.outcome, run.reason = status["outcome"], status["message"]
@@ -134,6 +137,25 @@ def load_run(path: Path) -> Run:
         run.outcome = "no-eval"
         run.reason = f"finished but metrics.csv has no evaluation at env_step {run.total} (last row {last_step})"
     return run
+
+
+def per_task(runs: Sequence[Run]) -> list[Run]:
+    """A run that trained several tasks (a policy library run) as one run per task: that task's evaluations, its
+    share of the env steps (steps and budget divided by the number of tasks), the task as `task.name`; others
+    as they are."""
+    out = []
+    for run in runs:
+        tasks = (run.config.get("library") or {}).get("tasks") or []
+        if len(tasks) < 2 or not run.task_evals:
+            out.append(run)
+            continue
+        n = len(tasks)
+        for task in tasks:
+            config = {**run.config, "task": {**run.config["task"], "name": task},
+                      "total_env_steps": run.config["total_env_steps"] // n}  # fmt: skip
+            evals = [(step // n, value) for step, value in run.task_evals.get(task, [])]
+            out.append(Run(run.path / task, config, run.outcome, run.reason, evals, []))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- grouping
@@ -169,9 +191,23 @@ def _scale_and_sparsity(config: dict[str, Any], presets: dict[str, dict[str, Any
 
 def _distinguishing(config: dict[str, Any]) -> dict[str, Any]:
     """The keys that can tell two runs of one task apart in a column name: all but the task, the seed, the
-    steering keys and the scale group (named by `_scale_and_sparsity`)."""
+    steering keys, the scale group (named by `_scale_and_sparsity`) and the library's place and base (a library
+    run's method is its rank; several tasks in one run show as `tasks per run`)."""
     flat = _flatten(config)
-    return {k: v for k, v in flat.items() if not _steering(k) and not k.startswith(("task.", "scale.")) and k != "critic.kind"}
+    keys = {k: v for k, v in flat.items() if not _steering(k) and not k.startswith(("task.", "scale.", "library."))
+            and k != "critic.kind"}  # fmt: skip
+    tasks = (config.get("library") or {}).get("tasks") or []
+    if len(tasks) > 1:
+        keys["tasks per run"] = len(tasks)
+    return keys
+
+
+def _method(config: dict[str, Any]) -> str:
+    """What learnt: the critic kind (SAC, FastTD3), else the algorithm and its library mode (`ppo-lora-r4`)."""
+    if "critic" in config:
+        return str(config["critic"]["kind"])
+    library = config.get("library") or {}
+    return run_tag(config["algo"]["name"], None, library.get("path"), library.get("rank"))
 
 
 def column_labels(runs: Sequence[Run]) -> dict[Path, str]:
@@ -191,8 +227,8 @@ def column_labels(runs: Sequence[Run]) -> dict[Path, str]:
     for run in runs:
         flat = _distinguishing(run.config)
         extras = [f"{k}={flat[k]}" for k in sorted(varying) if k in flat]
-        method = ", ".join([run.config["critic"]["kind"], *extras])
-        labels[run.path] = f"{method} / {_scale_and_sparsity(run.config, presets)}"
+        method = ", ".join([_method(run.config), *extras])
+        labels[run.path] = f"{method} / {_scale_and_sparsity(run.config, presets)}" if "scale" in run.config else method
     return labels
 
 
@@ -304,12 +340,14 @@ def _plot_task(task: str, runs: list[Run], labels: dict[Path, str], reference: P
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
+    has_loss = any(r.losses for r in runs)  # on-policy runs (PPO, GRPO) have no critic
     for figure, stem in ((fig, "curves"), (fig_loss, "critic_loss")):
         name = f"{stem}_{path_safe(task)}.png"
-        figure.tight_layout()
-        figure.savefig(out / name, dpi=100)
+        if stem == "curves" or has_loss:
+            figure.tight_layout()
+            figure.savefig(out / name, dpi=100)
+            names.append(name)
         plt.close(figure)
-        names.append(name)
     return names
 
 
@@ -321,7 +359,7 @@ def write_report(root: Path, out: Path, reference: Path = REFERENCE) -> Path:
     paths = find_runs(root)
     if not paths:
         raise ValueError(f"{root}: no run directory below it (a run directory holds config.yaml and metrics.csv)")
-    runs = [load_run(p) for p in paths]
+    runs = per_task([load_run(p) for p in paths])
     out.mkdir(parents=True, exist_ok=True)
     readable = [r for r in runs if r.config]
     labels = column_labels(readable)
@@ -345,8 +383,8 @@ def write_report(root: Path, out: Path, reference: Path = REFERENCE) -> Path:
     for algo in sorted(by_algo):
         for task in sorted({r.config["task"]["name"] for r in by_algo[algo]}):
             task_runs = [r for r in by_algo[algo] if r.config["task"]["name"] == task]
-            curves, loss = _plot_task(task, task_runs, labels, reference, out)
-            lines += [f"### {task} ({algo})", "", f"![eval return]({curves})", f"![critic loss]({loss})", ""]
+            curves, *loss = _plot_task(task, task_runs, labels, reference, out)
+            lines += [f"### {task} ({algo})", "", f"![eval return]({curves})", *(f"![critic loss]({n})" for n in loss), ""]
     left_out = [r for r in runs if r.final_return is None]
     lines += ["## Runs left out", ""]
     if not left_out:

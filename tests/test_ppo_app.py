@@ -278,3 +278,19 @@ def test_ppo_on_isaaclab_runs_through_the_app_with_the_stand_in(tmp_path, monkey
     assert any(r[columns.index("episode_return")] for r in rows)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
     assert state["meta"]["env"]["action"]["dim"] == 3
+
+
+def test_the_report_splits_a_multi_task_library_run_into_its_tasks(library, tmp_path) -> None:
+    from fasttd3_lora.report import write_report
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for task in ("dmc/cartpole-balance", "dmc/cartpole-swingup"):  # the one-task run and the two-task run
+        shutil.copytree(library.entries[task]["run"], runs / task.replace("/", "-"))
+    text = write_report(runs, tmp_path / "report").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| dmc/")}
+    assert set(rows) == {"dmc/cartpole-balance", "dmc/cartpole-swingup", "dmc/cartpole-balance_sparse"}
+    header = next(line for line in text.splitlines() if line.startswith("| task |"))
+    assert header == "| task | ppo-lora-r2 | ppo-lora-r3 |"
+    two = library.entries["dmc/cartpole-swingup"]["eval_return"]
+    assert f"{two:.1f} ± 0.0 (n=1)" in rows["dmc/cartpole-swingup"]  # the task's own evaluation, not the mean
