@@ -154,7 +154,7 @@ def per_task(runs: Sequence[Run]) -> list[Run]:
             config = {**run.config, "task": {**run.config["task"], "name": task},
                       "total_env_steps": run.config["total_env_steps"] // n}  # fmt: skip
             evals = [(step // n, value) for step, value in run.task_evals.get(task, [])]
-            out.append(Run(run.path / task, config, run.outcome, run.reason, evals, []))
+            out.append(Run(run.path / path_safe(task), config, run.outcome, run.reason, evals, []))
     return out
 
 

@@ -294,3 +294,20 @@ def test_the_report_splits_a_multi_task_library_run_into_its_tasks(library, tmp_
     assert header == "| task | ppo-lora-r2 | ppo-lora-r3 |"
     two = library.entries["dmc/cartpole-swingup"]["eval_return"]
     assert f"{two:.1f} ± 0.0 (n=1)" in rows["dmc/cartpole-swingup"]  # the task's own evaluation, not the mean
+
+
+def test_the_library_experiment_report_names_each_method_and_compares_with_full_fine_tuning(library, tmp_path) -> None:
+    from fasttd3_lora.experiments.library import collect, returns_table
+
+    runs = tmp_path / "runs"
+    for task in ("dmc/cartpole-balance", "dmc/cartpole-swingup"):
+        shutil.copytree(library.entries[task]["run"], runs / task.replace("/", "-"))
+    rows = collect(runs)
+    # the two-task run gives each task 80 env steps, the one-task run 160: only the common budget is compared
+    assert {(r["task"], r["method"], r["budget"]) for r in rows} == {
+        ("dmc/cartpole-swingup", "ppo-lora-r3 (one run of all tasks)", 80),
+        ("dmc/cartpole-balance_sparse", "ppo-lora-r3 (one run of all tasks)", 80)}  # fmt: skip
+    table = returns_table(rows)
+    assert table.splitlines()[0] == "| task | ppo-lora-r3 (one run of all tasks) | ppo-lora-r3 − full (± s.e.) | Welch p |"
+    swingup = library.entries["dmc/cartpole-swingup"]["eval_return"]
+    assert f"| dmc/cartpole-swingup | {swingup:.1f} ± 0.0 (n=1) | — | — |" in table
