@@ -1,5 +1,5 @@
 # Two entry points, each installs what it needs into .venv first:
-#   make train   -> SAC + LoRA critic on a DMC task, on the CPU
+#   make train   -> FastTD3 + LoRA critic learning a DMC task on the CPU in minutes (experiment=cpu_demo)
 #   make test    -> the test suite (Triton kernels run in the interpreter on CPU)
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 ARGS ?=
 
-.PHONY: train test install
+.PHONY: train test install plots
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,4 +23,7 @@ test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 train: install
-	$(PY) -m fasttd3_lora.train $(ARGS)
+	$(PY) -m fasttd3_lora.train experiment=cpu_demo $(ARGS)
+
+plots: install
+	$(PY) scripts/make_plots.py

@@ -40,7 +40,8 @@ from fasttd3_lora.config import config_dir, group_options, path_safe, run_tag
 from fasttd3_lora.reference import REFERENCE, reference_curve
 from fasttd3_lora.run_status import STATUS_FILE, read_status
 
-__all__ = ["Run", "find_runs", "load_run", "per_task", "eval_curve", "column_labels", "write_report", "main"]
+__all__ = ["Run", "find_runs", "load_run", "per_task", "eval_curve", "write_curves", "plot_curves", "column_labels",
+           "write_report", "main"]
 
 EXIT_BAD_PATH = 2
 # Keys that steer a run without changing what it learns or how it is measured: not part of a run's group.
@@ -79,6 +80,45 @@ def eval_curve(run_dir: str | Path) -> tuple[list[int], list[float], list[float]
     rows = _metrics_rows(Path(run_dir))
     rows = [r for r in rows if r.get("eval_return")]
     return [int(r["env_step"]) for r in rows], [float(r["eval_return"]) for r in rows], [float(r["wall_time"]) for r in rows]
+
+
+def write_curves(path: Path, curves: dict[str, Sequence[tuple[int, float]]]) -> None:
+    """Eval curves as one CSV (label, env_step, eval_return): the committed data a figure is redrawn from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "env_step", "eval_return"])
+        for label, points in curves.items():
+            writer.writerows([label, step, value] for step, value in points)
+
+
+def plot_curves(curves_csv: Path, path: Path, title: str, reference_task: str | None = None,
+                reference: Path = REFERENCE) -> None:  # fmt: skip
+    """Every curve of a `write_curves` file, with SimbaV2's published mean ± std of `reference_task` if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with open(curves_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            curves[row["label"]].append((int(row["env_step"]), float(row["eval_return"])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        ax.plot(*zip(*points), marker="o", markersize=3, label=label)
+    top = max(step for points in curves.values() for step, _ in points)
+    ref = [r for r in reference_curve(reference_task, reference) if r[0] <= top] if reference_task else []
+    if ref:
+        s, m, sd = (np.array(x) for x in zip(*ref))
+        ax.plot(s, m, color="k", lw=1, label="SimbaV2 reference (mean ± std, 10 seeds)")
+        ax.fill_between(s, m - sd, m + sd, color="k", alpha=0.1)
+    ax.set(xlabel="env steps", ylabel="eval return", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _metrics_rows(run_dir: Path) -> list[dict[str, str]]:

@@ -45,9 +45,9 @@ SINGLE_LAYER = {"steps": 100, "eta": 0.05, "g": 0.2, "m": 6, "n": 16}  # docs/dr
 
 
 def single_layer(out: Path, seeds: int = 3) -> list[dict[str, Any]]:
-    """Every (policy, alpha convention, rank or full, seed) run of `single_layer_run`; rows at the last step, the
-    curves in the plot."""
-    rows, curves = [], {}
+    """Every (policy, alpha convention, rank or full, seed) run of `single_layer_run`: single_layer.csv (the last
+    step of each), single_layer_curves.csv (every step: what the figure is drawn from) and single_layer.png."""
+    rows, curves = [], []
     for policy in ("gaussian", "softmax"):
         for convention, alpha in (("alpha=rank", None), ("alpha=4", 4.0)):
             for rank in (*SINGLE_LAYER_RANKS, None):
@@ -55,41 +55,48 @@ def single_layer(out: Path, seeds: int = 3) -> list[dict[str, Any]]:
                     continue  # full fine-tuning has no alpha
                 for seed in range(seeds):
                     run = single_layer_run(policy, rank, alpha=alpha, seed=seed, **SINGLE_LAYER)
-                    curves[(policy, convention, rank, seed)] = run
-                    rows.append({"policy": policy, "alpha": convention if rank else "-", "rank": rank or FULL,
-                                 "seed": seed, "steps": SINGLE_LAYER["steps"], "kl_max": float(run["kl_max"][-1]),
+                    key = {"policy": policy, "alpha": convention if rank else "-", "rank": rank or FULL, "seed": seed}
+                    curves += [{**key, "step": t, "kl_max": float(run["kl_max"][t]), "kl_bound": float(run["kl_bound"][t])}
+                               for t in range(len(run["kl_max"]))]  # fmt: skip
+                    rows.append({**key, "steps": SINGLE_LAYER["steps"], "kl_max": float(run["kl_max"][-1]),
                                  "kl_bound": float(run["kl_bound"][-1]), "drift": float(run["drift"][-1]),
                                  "drift_bound": float(run["drift_bound"][-1]),
                                  "bound_holds": bool((run["kl_max"] <= run["kl_bound"] * (1 + 1e-9)).all()
                                                      and (run["drift"] <= run["drift_bound"] * (1 + 1e-9)).all())})  # fmt: skip
     _write_csv(out / "single_layer.csv", rows)
-    _plot_single_layer(out / "single_layer.png", curves, seeds)
+    _write_csv(out / "single_layer_curves.csv", curves)
+    plot_single_layer(out / "single_layer_curves.csv", out / "single_layer.png")
     return rows
 
 
-def _plot_single_layer(path: Path, curves: dict, seeds: int) -> None:
+def plot_single_layer(curves_csv: Path, path: Path) -> None:
+    """The single-layer figure from single_layer_curves.csv: measured vs bound over updates (Gaussian, alpha = rank),
+    and the final KL against the rank for both conventions and both policies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves: dict[tuple[str, str, str, int], list[tuple[float, float]]] = defaultdict(list)
+    for r in _rows(curves_csv):
+        curves[(r["policy"], r["alpha"], r["rank"], int(r["seed"]))].append((float(r["kl_max"]), float(r["kl_bound"])))
+    seeds = sorted({k[3] for k in curves})
+    ranks = [str(r) for r in SINGLE_LAYER_RANKS]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colours = plt.cm.viridis([i / len(SINGLE_LAYER_RANKS) for i in range(len(SINGLE_LAYER_RANKS))])
+    colours = plt.cm.viridis([i / len(ranks) for i in range(len(ranks))])
     ax = axes[0]
-    for (rank, colour) in zip((*SINGLE_LAYER_RANKS, None), (*colours, "black")):
-        run = curves[("gaussian", "alpha=rank", rank, 0)]
-        label = f"rank {rank}" if rank else "full"
-        ax.plot(run["kl_max"].numpy(), color=colour, label=f"{label}: measured")
-        ax.plot(run["kl_bound"].numpy(), color=colour, linestyle="--")
+    for rank, colour in zip((*ranks, FULL), (*colours, "black")):
+        kl, bound = zip(*curves[("gaussian", "alpha=rank" if rank != FULL else "-", rank, seeds[0])])
+        ax.plot(kl, color=colour, label=f"{'rank ' + rank if rank != FULL else 'full'}: measured")
+        ax.plot(bound, color=colour, linestyle="--")
     ax.set(yscale="log", xlabel="update", ylabel="max KL(pi_ref || pi) over states",
            title="Gaussian, alpha = rank: measured (solid) vs bound (dashed)")  # fmt: skip
     ax.legend(fontsize=7)
     for ax, policy in zip(axes[1:], ("gaussian", "softmax")):
         for convention, marker in (("alpha=rank", "o"), ("alpha=4", "s")):
-            means = [statistics.mean(float(curves[(policy, convention, r, s)]["kl_max"][-1]) for s in range(seeds))
-                     for r in SINGLE_LAYER_RANKS]  # fmt: skip
+            means = [statistics.mean(curves[(policy, convention, r, s)][-1][0] for s in seeds) for r in ranks]
             ax.plot(SINGLE_LAYER_RANKS, means, marker=marker, label=f"measured, {convention}")
-        full = statistics.mean(float(curves[(policy, "alpha=rank", None, s)]["kl_max"][-1]) for s in range(seeds))
+        full = statistics.mean(curves[(policy, "-", FULL, s)][-1][0] for s in seeds)
         ax.axhline(full, color="black", linestyle=":", label="full fine-tuning")
         ax.set(xscale="log", yscale="log", xlabel="rank", ylabel=f"KL after {SINGLE_LAYER['steps']} updates",
                title=f"{policy}: KL vs rank")  # fmt: skip
@@ -244,11 +251,14 @@ def report(out: Path) -> str:
                                  f"{', '.join(ranks)}; largest KL at rank {largest}")  # fmt: skip
     table = "\n".join(lines + [""] + rho_lines) + "\n"
     (out / "drift_table.md").write_text(table)
-    _plot_control(out / "drift_kl_vs_rank.png", rows)
+    plot_control(out / "drift_runs.csv", out / "drift_kl_vs_rank.png")
     return table
 
 
-def _plot_control(path: Path, rows: list[dict[str, Any]]) -> None:
+def plot_control(runs_csv: Path, path: Path) -> None:
+    """KL(pi_ref || pi) against the rank per task and KL coefficient (mean +- std over seeds), from drift_runs.csv."""
+    rows = [{**r, "kl_coef": float(r["kl_coef"]), "kl_ref": float(r["kl_ref"])} for r in _rows(runs_csv)]
+
     import matplotlib
 
     matplotlib.use("Agg")

@@ -131,7 +131,10 @@ def one_run_vs_many(rows: list[dict[str, Any]], rank_method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_returns(returns_csv: Path, path: Path) -> None:
+    """The returns per task and method (mean and std over seeds), from library_returns.csv."""
+    with open(returns_csv, newline="") as f:
+        rows = [{**r, "final_return": float(r["final_return"])} for r in csv.DictReader(f)]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "library_returns.md").write_text(returns_table(rows))
     one_run = next((m for m in sorted({r["method"] for r in rows}) if "(one run of all tasks)" in m), None)
     (out / "one_run_vs_many.md").write_text(one_run_vs_many(rows, one_run) if one_run else "No one-run library.\n")
-    _plot(rows, out / "library_returns.png")
+    plot_returns(out / "library_returns.csv", out / "library_returns.png")
     print((out / "library_returns.md").read_text())
     print((out / "one_run_vs_many.md").read_text())
 
