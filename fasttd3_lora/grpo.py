@@ -37,7 +37,7 @@ from fasttd3_lora.checks import ConfigError, get, int_in, number_in, positive
 from fasttd3_lora.mlp_policy import GaussianPolicy
 from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor, bounded_log_std
 from fasttd3_lora.normalization import RunningMeanStd
-from fasttd3_lora.ppo import clipped_surrogate_loss
+from fasttd3_lora.ppo import clipped_surrogate_loss, minibatch_epochs
 
 __all__ = ["GRPOConfig", "FULL", "source_config", "group_advantages", "GaussianView", "adapt", "drift_metrics", "GRPO"]
 
@@ -270,15 +270,7 @@ class GRPO:
 
     def update(self, batch: TensorDict) -> dict[str, Tensor]:
         """`num_epochs` x `num_minibatches` steps on a flattened rollout (`explore`'s keys plus `advantage`)."""
-        cfg, n = self.cfg, batch.batch_size[0]
-        size = n // cfg.num_minibatches
-        sums: dict[str, Tensor] = {}
-        for _ in range(cfg.num_epochs):
-            order = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
-            for m in range(cfg.num_minibatches):
-                for key, value in self._step(batch[order[m * size : (m + 1) * size]]).items():
-                    sums[key] = sums.get(key, 0.0) + value
-        return {key: value / (cfg.num_epochs * cfg.num_minibatches) for key, value in sums.items()}
+        return minibatch_epochs(batch, self.cfg.num_epochs, self.cfg.num_minibatches, self.generator, self._step)
 
     def _step(self, batch: TensorDict) -> dict[str, Tensor]:
         cfg = self.cfg

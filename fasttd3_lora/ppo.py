@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "clipped_value_loss",
     "adapted_lr",
     "normalized",
+    "minibatch_epochs",
     "PPO",
 ]
 
@@ -249,6 +251,23 @@ def adapted_lr(lr: float, kl: float, desired_kl: float) -> float:
     return lr
 
 
+def minibatch_epochs(
+    batch: TensorDict, epochs: int, minibatches: int, generator: torch.Generator,
+    step: Callable[[TensorDict], dict[str, Tensor]],
+) -> dict[str, Tensor]:  # fmt: skip
+    """`epochs` passes over `batch`, each in a fresh random order (from `generator`) cut into `minibatches` equal
+    minibatches (a remainder is left out), `step` on each; the mean of each metric `step` returns."""
+    n = batch.batch_size[0]
+    size = n // minibatches
+    sums: dict[str, Tensor] = {}
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator, device=generator.device).to(batch.device)
+        for m in range(minibatches):
+            for key, value in step(batch[order[m * size : (m + 1) * size]]).items():
+                sums[key] = sums.get(key, 0.0) + value
+    return {key: value / (epochs * minibatches) for key, value in sums.items()}
+
+
 # ---------------------------------------------------------------------------------------------- agent
 
 
@@ -345,17 +364,8 @@ class PPO:
     def update(self, rollout: TensorDict) -> dict[str, Tensor]:
         """`num_epochs` x `num_minibatches` steps on a flattened rollout (`explore`'s keys plus `advantage`,
         `return` and, with several tasks, `task`); returns the means of the losses, KL, entropy and LR."""
-        cfg, n = self.cfg, rollout.batch_size[0]
-        size = n // cfg.num_minibatches
-        sums: dict[str, Tensor] = {}
-        for _ in range(cfg.num_epochs):
-            order = torch.randperm(n, generator=self.generator, device=self.generator.device).to(self.device)
-            for m in range(cfg.num_minibatches):
-                metrics = self._minibatch_step(rollout[order[m * size : (m + 1) * size]])
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-        count = cfg.num_epochs * cfg.num_minibatches
-        return {key: value / count for key, value in sums.items()}
+        return minibatch_epochs(rollout, self.cfg.num_epochs, self.cfg.num_minibatches, self.generator,
+                                self._minibatch_step)  # fmt: skip
 
     def _minibatch_step(self, batch: TensorDict) -> dict[str, Tensor]:
         cfg = self.cfg

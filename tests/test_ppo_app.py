@@ -17,16 +17,15 @@ import torch
 import yaml
 
 from fasttd3_lora.checkpoint import load_checkpoint
-from fasttd3_lora.config import ConfigError, compose_config, expand_shorthands
+from fasttd3_lora.config import ConfigError, compose_config
 from fasttd3_lora.export import export_checkpoint
 from fasttd3_lora.library import export_library, main as library_main, merged_policy, size_rows
 from fasttd3_lora.library_store import Library, LibraryError, create_library, library_policy
-from fasttd3_lora.runner import train
 from fasttd3_lora.tasks import isaaclab
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
 
 import isaaclab_standin as standin
-from tiny_runs import Crash, crash_at
+from tiny_runs import Crash, crash_at, train_one_thread
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -40,20 +39,10 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "disabled"}
 
 
-def _train(overrides: list[str], run_dir: Path):
-    overrides = expand_shorthands(overrides)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(compose_config(overrides), run_dir, overrides)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> tuple[Path, object]:
     run_dir = tmp_path_factory.mktemp("ppo") / "base"
-    return run_dir, _train(TINY, run_dir)
+    return run_dir, train_one_thread(TINY, run_dir)
 
 
 def _columns(run_dir: Path) -> tuple[list[str], list[list[str]]]:
@@ -84,9 +73,9 @@ def test_resumed_ppo_run_matches_an_uninterrupted_one_bit_for_bit(base_run, tmp_
     whole_dir, whole = base_run
     crash_at(monkeypatch, 120)  # after the checkpoint at 80, one iteration into the second half
     with pytest.raises(Crash):
-        _train(TINY, tmp_path / "broken")
+        train_one_thread(TINY, tmp_path / "broken")
     monkeypatch.undo()
-    resumed = _train([*TINY, f"resume={tmp_path / 'broken'}"], tmp_path / "broken")
+    resumed = train_one_thread([*TINY, f"resume={tmp_path / 'broken'}"], tmp_path / "broken")
     assert (resumed.env_step, resumed.last_eval_return) == (whole.env_step, whole.last_eval_return)
     a = load_checkpoint(whole_dir / "checkpoints" / "latest.pt")["agent"]
     b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")["agent"]
@@ -104,8 +93,8 @@ def library(base_run, tmp_path_factory) -> Library:
     path = tmp_path_factory.mktemp("lib") / "lib"
     library_main(["create", str(path), "--base", str(run_dir)])
     # one task's adapter, then two tasks of the same embodiment in one run (2 envs each)
-    _train([*TINY, f"library={path}", "library.rank=2"], tmp_path_factory.mktemp("ft") / "one")
-    _train([*TINY, f"library={path}", "library.rank=3", "library.tasks=[dmc/cartpole-swingup,dmc/cartpole-balance_sparse]"],
+    train_one_thread([*TINY, f"library={path}", "library.rank=2"], tmp_path_factory.mktemp("ft") / "one")
+    train_one_thread([*TINY, f"library={path}", "library.rank=3", "library.tasks=[dmc/cartpole-swingup,dmc/cartpole-balance_sparse]"],
            tmp_path_factory.mktemp("ft") / "two")  # fmt: skip
     return Library(path)
 
@@ -271,7 +260,7 @@ def test_ppo_on_isaaclab_runs_through_the_app_with_the_stand_in(tmp_path, monkey
     overrides = ["algo=ppo", "task=Isaac-Velocity-Flat-H1-v0", "algo.num_envs=32", "algo.num_steps=8",
                  "algo.actor_hidden_dims=[16]", "algo.critic_hidden_dims=[16]", "total_env_steps=768",
                  "eval_every=512", "checkpoint_every=100000", "precision=fp32"]  # fmt: skip
-    counters = _train(overrides, tmp_path / "run")
+    counters = train_one_thread(overrides, tmp_path / "run")
     assert made == [("Isaac-Velocity-Flat-H1-v0", 32)]  # one env: evaluation runs on it
     assert counters.env_step == 768 and counters.last_eval_return is not None
     columns, rows = _columns(tmp_path / "run")

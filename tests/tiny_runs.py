@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+from fasttd3_lora.config import compose_config, expand_shorthands
+from fasttd3_lora.loops.kit import Counters, UpdateMetrics
 from fasttd3_lora.run_logging import RunLogger
-from fasttd3_lora.loops.kit import UpdateMetrics
+from fasttd3_lora.runner import train
 
 # Networks small enough that a whole FastTD3 / SAC run takes seconds on one CPU thread.
 SMALL_NETS = [
@@ -17,6 +22,17 @@ SMALL_NETS = [
     "algo.actor_hidden_dim=16",
     "precision=fp32",
 ]
+
+
+def train_one_thread(overrides: list[str], run_dir: Path) -> Counters:
+    """A whole run of the app in this process on one torch thread (the command line's shorthands expanded)."""
+    overrides = expand_shorthands(overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(compose_config(overrides), run_dir, overrides)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Crash(BaseException):
