@@ -77,6 +77,7 @@ class DMCEnvPool(EnvPoolBatch):
         ts = pool.reset(ids)
         return np.asarray(ts.observation.env_id, dtype=np.int32), ts.observation
 
-    def _write(self, start: int, ids: np.ndarray, observation: Any) -> None:
+    def _write(self, rows: np.ndarray, observation: Any) -> None:
         for key, slot in self._slots:
-            self._obs[start + ids, slot] = np.asarray(getattr(observation, key), dtype=np.float32).reshape(len(ids), -1)
+            value = getattr(observation, key)
+            self._obs[rows, slot] = value.reshape(len(value), -1)

@@ -77,8 +77,8 @@ class MetaWorldPool(EnvPoolBatch):
         obs, info = pool.reset(ids)
         return np.asarray(info["env_id"], dtype=np.int32), obs
 
-    def _write(self, start: int, ids: np.ndarray, observation: Any) -> None:
-        self._obs[start + ids] = np.asarray(observation, dtype=np.float32)
+    def _write(self, rows: np.ndarray, observation: Any) -> None:
+        self._obs[rows] = observation
 
 
 class MetaWorldEnv(PooledEnv):
