@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from fasttd3_lora.library import merged_policy
 from fasttd3_lora.library_store import attach_adapters
 from fasttd3_lora.mlp_policy import GaussianPolicy
 
@@ -50,7 +49,7 @@ def main() -> None:
     attach_adapters(policy, args.rank, args.tasks)
     for layer in policy.mean_net.layers:
         torch.nn.init.normal_(layer.lora_B, std=0.01)
-    merged = [merged_policy(policy, k) for k in range(args.tasks)]
+    merged = [policy.merged(k) for k in range(args.tasks)]
     obs = torch.randn(args.rows, args.obs)
     task = torch.randint(0, args.tasks, (args.rows,))
     rows_of = [torch.nonzero(task == k).squeeze(-1) for k in range(args.tasks)]

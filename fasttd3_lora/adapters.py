@@ -28,7 +28,7 @@ from fasttd3_lora.hypersphere import SphericalLinear, check_ensemble, check_posi
 
 __all__ = ["INIT_B", "LINEAR_TYPES", "linear_maps", "lora_delta", "check_rank_alpha", "AdapterLayer", "LoRALinear", "add_adapters", "adapter_layers", "adapter_parameters"]
 
-INIT_B = ("zeros", "gaussian")
+INIT_B = ("zeros", "gaussian", "mirror")  # mirror: A = 0 and B Kaiming-uniform (LoRASA's code)
 LINEAR_TYPES = (nn.Linear, SphericalLinear)  # the maps `add_adapters` can adapt
 
 
@@ -161,8 +161,14 @@ class LoRALinear(AdapterLayer):
     @torch.no_grad()
     def reset_adapters_(self, adapters: Iterable[int] | None = None) -> None:
         """Fresh factors for `adapters` (default all): A Kaiming-uniform (as `nn.Linear` draws weights, over the
-        `in` fan-in), B zero (or N(0, 1/r) with `init_B="gaussian"`)."""
+        `in` fan-in), B zero (or N(0, 1/r) with `init_B="gaussian"`); `init_B="mirror"` is LoRASA's mirror image,
+        A zero and B Kaiming-uniform over its `r` fan-in (every adapter still starts as the base)."""
         for k in range(self.num_adapters) if adapters is None else adapters:
+            if self.init_B == "mirror":
+                self.lora_A[k].zero_()
+                for member in self.lora_B[k].reshape(-1, self.out_features, self.rank):
+                    nn.init.kaiming_uniform_(member, a=math.sqrt(5))
+                continue
             for member in self.lora_A[k].reshape(-1, self.rank, self.in_features):
                 nn.init.kaiming_uniform_(member, a=math.sqrt(5))
             if self.init_B == "zeros":

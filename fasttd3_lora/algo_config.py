@@ -9,7 +9,7 @@ to the loop.
   own `__post_init__` guards programmatic use.
 * `OffPolicyConfig`: SAC's and FastTD3's shared recipe (replay, updates per step, the categorical critic of the
   `critic/` and `scale/` groups). An algorithm without that critic (PPO) derives from `AlgorithmConfig` alone, and
-  the app then neither checks nor records the `critic/` group for it (`uses_critic_group`).
+  the app then neither checks nor records the `critic/` group for it (`groups`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from fasttd3_lora.checks import ConfigError, choice, int_in, number_in, positive
 from fasttd3_lora.networks import CriticSettings
 from fasttd3_lora.precision import choose_precision
 
-__all__ = ["AlgorithmConfig", "OffPolicyConfig", "check_positive_ints"]
+__all__ = ["OPTIONAL_GROUPS", "AlgorithmConfig", "OffPolicyConfig", "check_positive_ints"]
+
+OPTIONAL_GROUPS = ("critic", "scale", "library", "policy")  # configs/config.yaml's groups some algorithms do not use
 
 _INF = float("inf")
 
@@ -41,8 +43,9 @@ class AlgorithmConfig:
     """Base of every algorithm's config (`SACConfig`, `FastTD3Config`, `PPOConfig`, ...)."""
 
     name: ClassVar[str]
-    uses_critic_group: ClassVar[bool] = False  # whether the `critic/` and `scale/` groups configure this algorithm
-    uses_library: ClassVar[bool] = False  # whether it trains a policy library's adapters (`library.*`)
+    # The optional config groups that configure this algorithm (`OPTIONAL_GROUPS`): the app checks them for it,
+    # and drops the others from its config.yaml and checkpoints.
+    groups: ClassVar[tuple[str, ...]] = ()
 
     num_envs: int
     action_repeat: int
@@ -72,7 +75,12 @@ class AlgorithmConfig:
     @classmethod
     def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
         """The raw value of every algo field: `cfg.algo.<field>`, and bf16 autocast from the run's `precision`
-        (`auto` resolved for `cfg.device`); subclasses add or replace some."""
+        (`auto` resolved for `cfg.device`); subclasses add or replace some. A task family's `task.<algo name>`
+        values reach `cfg.algo` by interpolation (configs/algo/<name>.yaml): a key no algo key reads is a typo."""
+        family = cfg.task.get(cls.name, None) if "task" in cfg else None
+        unknown = sorted(set(family or ()) - set(cfg.algo))
+        if unknown:
+            raise ValueError(f"task.{cls.name} has unknown keys {unknown}; allowed: {sorted(cfg.algo)}")
         values = {key: cfg.algo[key] for key in cls.algo_keys()}
         values["amp_bf16"] = choose_precision(cfg.precision, cfg.device)[0] == "bf16"
         return values
@@ -106,7 +114,7 @@ class AlgorithmConfig:
 class OffPolicyConfig(AlgorithmConfig, CriticSettings):
     """The replay-based recipes' shared fields (SAC, FastTD3) and their categorical critic (`CriticSettings`)."""
 
-    uses_critic_group: ClassVar[bool] = True
+    groups: ClassVar[tuple[str, ...]] = ("critic", "scale")
 
     updates_per_step: int
     batch_size: int

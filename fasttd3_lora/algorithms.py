@@ -27,6 +27,7 @@ from fasttd3_lora.grpo import FULL as GRPO_FULL
 from fasttd3_lora.grpo import GaussianView, GRPOConfig, adapt
 from fasttd3_lora.mlp_policy import GaussianPolicy
 from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor
+from fasttd3_lora.mappo import MAPPOConfig, SeparatePolicies
 from fasttd3_lora.ppo import PPOConfig
 from fasttd3_lora.sac import SACConfig
 
@@ -42,6 +43,8 @@ class Algorithm:
     families: tuple[str, ...]  # the task families (`task.family`) it runs on
     loop_module: str  # defines run(cfg, algo_cfg, run_dir, overrides)
     build_actor: Callable[[Mapping[str, Any], Mapping[str, Any], int, int], nn.Module]  # (meta, actor state, dims)
+    # An actor of several tasks or agents takes each row's index as a second input: its ONNX input's name
+    index_input: str | None = None
 
     @property
     def name(self) -> str:
@@ -64,9 +67,15 @@ def _simbav2_actor(actor: type[nn.Module]) -> Callable[[Mapping[str, Any], Mappi
 
 
 def _mlp_policy(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
-    """PPO's policy, sized (and adapted, for a library run) as its saved state says."""
-    alpha = meta["config"].get("library", {}).get("alpha")
-    return GaussianPolicy.from_state_dict(dict(state), alpha=None if alpha is None else float(alpha))
+    """PPO's policy, sized (and adapted, for a library run) as its saved state and config say."""
+    return _adapted_policy(state, meta["config"].get("library", {}))
+
+
+def _adapted_policy(state: Mapping[str, Any], group: Mapping[str, Any]) -> GaussianPolicy:
+    """A `GaussianPolicy` from its state, with the rank and alpha its config group (`library`, `policy`) asked for."""
+    rank, alpha = group.get("rank"), group.get("alpha")
+    return GaussianPolicy.from_state_dict(dict(state), alpha=None if alpha is None else float(alpha),
+                                          rank=rank if isinstance(rank, int) else None)  # fmt: skip
 
 
 def _grpo_policy(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
@@ -84,15 +93,25 @@ def _grpo_policy(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int
     return view
 
 
+def _mappo_actor(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
+    """MAPPO's actor as its saved state says: one shared network (with LoRASA's adapters, or not) or one per agent."""
+    if any(key.startswith("policies.") for key in state):
+        return SeparatePolicies.from_state_dict(dict(state))
+    return _adapted_policy(state, meta["config"].get("policy", {}))
+
+
 ALGORITHMS: dict[str, Algorithm] = {
     entry.name: entry
     for entry in (
         Algorithm(SACConfig, TanhGaussianActor, ("dmc",), "fasttd3_lora.loops.sac", _simbav2_actor(TanhGaussianActor)),
         Algorithm(FastTD3Config, DeterministicActor, ("dmc", "isaaclab"), "fasttd3_lora.loops.fasttd3",
                   _simbav2_actor(DeterministicActor)),
-        Algorithm(PPOConfig, GaussianPolicy, ("dmc", "metaworld", "isaaclab"), "fasttd3_lora.loops.ppo", _mlp_policy),
+        Algorithm(PPOConfig, GaussianPolicy, ("dmc", "metaworld", "isaaclab"), "fasttd3_lora.loops.ppo", _mlp_policy,
+                  index_input="task_id"),
         # Isaac Lab draws each env's start from its own generator: a group of envs cannot share one (docs/drift.md)
         Algorithm(GRPOConfig, GaussianView, ("dmc", "metaworld"), "fasttd3_lora.loops.grpo", _grpo_policy),
+        Algorithm(MAPPOConfig, GaussianPolicy, ("vmas", "mamujoco"), "fasttd3_lora.loops.mappo", _mappo_actor,
+                  index_input="agent_id"),
     )
 }
 

@@ -114,16 +114,17 @@ def _load_failure(exc: Exception) -> str:
     return "corrupt, truncated or not a torch file"
 
 
-def resolve_checkpoint(resume: str | Path) -> Path:
-    """`resume=` accepts a run directory (its checkpoints/latest.pt) or a checkpoint file."""
+def resolve_checkpoint(resume: str | Path, key: str = "resume") -> Path:
+    """The checkpoint a run directory (its checkpoints/latest.pt) or a checkpoint file names; `key` is the option
+    that named it (`resume`, `grpo.from`, `policy.from`, ...), for the error."""
     path = Path(resume).expanduser()
     if path.is_dir():
         latest = path / CHECKPOINT_DIR / LATEST
         if not latest.is_file():
-            raise CheckpointError(f"resume={resume}: the directory has no {CHECKPOINT_DIR}/{LATEST}")
+            raise CheckpointError(f"{key}={resume}: the directory has no {CHECKPOINT_DIR}/{LATEST}")
         return latest
     if not path.is_file():
-        raise CheckpointError(f"resume={resume}: no such run directory or checkpoint file")
+        raise CheckpointError(f"{key}={resume}: no such run directory or checkpoint file")
     return path
 
 

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
 def get(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key, default=MISSING)
     if value is MISSING:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if node is not None and leaf in node and OmegaConf.is_missing(node, leaf):  # `???`: the user must give it
+            raise ConfigError(f"{key}=???: required here; give it on the command line ({key}=...)")
         raise ConfigError(f"{key}: missing from the config (compose it from configs/, see docs/training.md)")
     return value
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fasttd3_lora.checks import MISSING, ConfigError, boolean, choice, get, int_in, number_in, positive
+from fasttd3_lora.algo_config import OPTIONAL_GROUPS
 from fasttd3_lora.algorithms import ALGORITHMS
 from fasttd3_lora.envs import TASK_FAMILIES
 from fasttd3_lora.fasttd3 import FAMILY_KEYS
@@ -80,26 +81,29 @@ def budget(steps_per_env: int | None, num_envs: int, default: int) -> int:
 
 
 def drop_unused_groups(cfg: DictConfig) -> DictConfig:
-    """`cfg` without the nodes that do not configure its algorithm (the `critic` and `scale` groups of PPO, the
-    `library` node of SAC and FastTD3), so config.yaml and checkpoints record only what shaped the run; in place."""
+    """`cfg` without the optional groups its algorithm does not use (`AlgorithmConfig.groups`: PPO has no `critic`
+    or `scale`, SAC no `library` or `policy`, ...), so config.yaml and checkpoints record only what shaped the run;
+    in place."""
     entry = ALGORITHMS.get(OmegaConf.select(cfg, "algo.name"))
     if entry is None:
         return cfg
-    unused = [] if entry.config.uses_critic_group else ["critic", "scale"]
-    unused += [] if entry.config.uses_library else ["library"]
     with open_dict(cfg):
-        for key in unused:
-            cfg.pop(key, None)
+        for key in OPTIONAL_GROUPS:
+            if key not in entry.config.groups:
+                cfg.pop(key, None)
     return cfg
 
 
-def run_tag(algo: str, critic: str, library_path: str | None, library_rank: Any) -> str:
+def run_tag(algo: str, critic: str, library_path: str | None, library_rank: Any, policy_mode: str | None = None) -> str:
     """What a run directory's name says of the learner: the critic kind for the algorithms with the `critic/`
-    group (`..._lora_s0`), else the algorithm, with the library's adapter rank (`..._ppo-lora-r4_s0`) or `full`."""
+    group (`..._lora_s0`), else the algorithm, with the library's adapter rank (`..._ppo-lora-r4_s0`) or `full`, or
+    the multi-agent policy mode (`..._mappo-lorasa_s0`)."""
     entry = ALGORITHMS.get(algo)
-    if entry is None or entry.config.uses_critic_group:
+    if entry is None or "critic" in entry.config.groups:
         return str(critic)
-    if library_path is None:
+    if "policy" in entry.config.groups and policy_mode is not None:
+        return f"{algo}-{policy_mode}"
+    if "library" not in entry.config.groups or library_path is None:
         return str(algo)
     return f"{algo}-full" if str(library_rank) == "full" else f"{algo}-lora-r{library_rank}"
 
@@ -196,8 +200,10 @@ def check_overrides(overrides: Sequence[str]) -> None:
     # Compose with the group choices only, to learn which keys exist for this selection.
     base = compose_config([o.input_line for o in groups if not o.is_sweep_override()], check=False)
     keys = _leaf_keys(base)
+    # a key exists as a leaf (a `???` one included, which OmegaConf.select reports as absent) or a node above one
+    known = {*keys, *(k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1))}
     for override in plain:
-        if override.type == OverrideType.CHANGE and OmegaConf.select(base, override.key_or_group, default=MISSING) is MISSING:
+        if override.type == OverrideType.CHANGE and override.key_or_group not in known:
             raise _unknown_key(override.key_or_group, keys)
 
 
@@ -295,11 +301,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise _unknown("task.name", str(name), options, "configs/task/")
     int_in(cfg, "task.max_episode_steps", 1)
 
-    if get(cfg, "library.path") is not None and not entry.config.uses_library:
+    if get(cfg, "library.path") is not None and "library" not in entry.config.groups:
         raise ConfigError(f"library.path={get(cfg, 'library.path')}: a policy library trains with "
-                          f"{', '.join(n for n, a in ALGORITHMS.items() if a.config.uses_library)}; "
+                          f"{', '.join(n for n, a in ALGORITHMS.items() if 'library' in a.config.groups)}; "
                           f"algo.name={entry.name} has none")  # fmt: skip
-    if entry.config.uses_critic_group:
+    if "critic" in entry.config.groups:
         _validate_critic(cfg)
     # The algorithm's own config checks its keys (with a task family's values), one line each.
     entry.config.check_hydra(cfg)

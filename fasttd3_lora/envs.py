@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from fasttd3_lora.tasks.dmc import DMCEnv
     from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
     from fasttd3_lora.tasks.metaworld import MetaWorldEnv
+    from fasttd3_lora.tasks.multi_agent import MultiAgentEnv
 
 __all__ = ["EnvRequest", "ENV_BUILDERS", "TASK_FAMILIES", "make_envs", "env_deploy_facts"]
 
@@ -54,9 +55,7 @@ def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
     """The training envs and the evaluation envs (one per eval episode, DESIGN §5; with several tasks, that many
     per task), stepped by `task.backend` (dm_control, or EnvPool's C++ port)."""
     # Each env family is imported by its builder: a run loads only its own simulator, and a bad command line
-    # is refused before any simulator loads. Training never renders: without MUJOCO_GL, importing dm_control
-    # probes GLFW/EGL and warns on machines without a display (a user's own MUJOCO_GL wins).
-    os.environ.setdefault("MUJOCO_GL", "disabled")
+    # is refused before any simulator loads.
     from fasttd3_lora.tasks.dmc import DMCEnv
 
     tasks = request.tasks or (request.task.name,)
@@ -102,6 +101,30 @@ def make_metaworld_envs(request: EnvRequest) -> tuple[MetaWorldEnv, MetaWorldEnv
     return envs(request.num_envs, os.cpu_count() or 1, request.group_size), envs(request.eval_envs * len(tasks), 1)
 
 
+def make_multi_agent_envs(request: EnvRequest) -> tuple[MultiAgentEnv, MultiAgentEnv]:
+    """VMAS or MaMuJoCo (`fasttd3_lora.tasks.vmas`, `fasttd3_lora.tasks.mamujoco`): the training envs and the
+    evaluation envs (one per eval episode), stepped in this process."""
+    task = request.task
+    if request.render:
+        raise ConfigError(f"video.every: {task.family} frames are not wired up; allowed 0 for {task.name}")
+    if task.family == "vmas":
+        from fasttd3_lora.tasks.vmas import VMASEnv as family
+
+        options = {}
+    else:
+        from fasttd3_lora.tasks.mamujoco import MaMuJoCoEnv as family
+
+        options = {"agent_obsk": task.agent_obsk}
+
+    def envs(num_envs: int, seed: int) -> MultiAgentEnv:
+        try:
+            return family(task.name, num_envs, seed=seed, max_episode_steps=task.max_episode_steps, **options)
+        except ValueError as err:  # the family's package missing, an unknown scenario: one line, exit 2
+            raise ConfigError(f"task.name={task.name}: {err}") from None
+
+    return envs(request.num_envs, request.seed), envs(request.eval_envs, request.seed + request.num_envs)
+
+
 def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
     """The Isaac Lab env, twice: Isaac Lab allows one env per process (its simulation context is a singleton),
     so evaluation runs on the training env (the loop restarts the training episodes after it)."""
@@ -126,6 +149,8 @@ def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
 ENV_BUILDERS: dict[str, Callable[[EnvRequest], tuple[EnvBase, EnvBase]]] = {
     "dmc": make_dmc_envs,
     "metaworld": make_metaworld_envs,
+    "vmas": make_multi_agent_envs,
+    "mamujoco": make_multi_agent_envs,
     "isaaclab": make_isaaclab_envs,
 }
 TASK_FAMILIES = tuple(ENV_BUILDERS)
@@ -133,6 +158,9 @@ TASK_FAMILIES = tuple(ENV_BUILDERS)
 
 def make_envs(request: EnvRequest) -> tuple[EnvBase, EnvBase]:
     """The training and evaluation envs of `request.task.family` (the same object where a family has one)."""
+    # Training never renders: without MUJOCO_GL, importing dm_control (DMC, and VMAS through torchrl) probes
+    # GLFW/EGL and warns on machines without a display; a user's own MUJOCO_GL (videos set one) wins.
+    os.environ.setdefault("MUJOCO_GL", "disabled")
     return ENV_BUILDERS[request.task.family](request)
 
 
@@ -158,7 +186,9 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
     ``action_offset`` (default 1 / 0; ``action_map_known`` False when the env could not read its own map),
     ``action_moving_average`` (Isaac Lab's in-hand tasks smooth joint targets: ``m * command + (1 - m) *
     previous``), ``joint_names`` (attribute or method; one name per action dimension, in the trained order),
-    ``control_period`` (seconds per policy step). Missing facts are ``None``.
+    ``control_period`` (seconds per policy step), ``agent_names`` / ``obs_dims`` / ``act_dims`` / ``action_low`` /
+    ``action_high`` (a multi-agent env: each agent's own sizes within the padded ones, and the range its first
+    act_dim actions map onto, ``low + (a + 1) / 2 * (high - low)``). Missing facts are ``None``.
     """
     terms = env.observation_layout() if callable(getattr(env, "observation_layout", None)) else None
     layout = None
@@ -186,6 +216,11 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
         if len(joints) != act_dim:
             raise ValueError(f"env names {len(joints)} joints for {act_dim} action dimensions")
     period = _maybe_call(getattr(env, "control_period", None))
+    agents = None
+    if getattr(env, "agent_names", None) is not None:  # a multi-agent env: one policy row per agent, each padded
+        agents = [{"name": str(name), "obs_dim": int(o), "act_dim": int(a), "low": _floats(low), "high": _floats(high)}
+                  for name, o, a, low, high in zip(env.agent_names, env.obs_dims, env.act_dims, env.action_low,
+                                                    env.action_high, strict=True)]  # fmt: skip
     average = getattr(env, "action_moving_average", None)  # per action dimension, or None
     return {
         "observation": {"dim": obs_dim, "layout": layout},
@@ -193,4 +228,5 @@ def env_deploy_facts(env: Any) -> dict[str, Any]:
                    "joint_names": joints, "map_known": bool(getattr(env, "action_map_known", True)),
                    "moving_average": None if average is None else _floats(torch.as_tensor(average).expand(act_dim))},  # fmt: skip
         "control_period_s": None if period is None else float(period),
+        **({} if agents is None else {"agents": agents}),
     }

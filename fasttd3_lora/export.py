@@ -45,7 +45,7 @@ from torch import Tensor, nn
 import fasttd3_lora
 from fasttd3_lora.checkpoint import CHECKPOINT_DIR, LATEST, CheckpointError, load_checkpoint, run_dir_of
 from fasttd3_lora.algorithms import ALGORITHMS, Algorithm
-from fasttd3_lora.config import upgrade_saved
+from fasttd3_lora.config import path_safe, upgrade_saved
 from fasttd3_lora.envs import TASK_FAMILIES, EnvRequest, env_deploy_facts, make_envs
 from fasttd3_lora.normalization import RunningMeanStd
 
@@ -59,6 +59,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "DeployPolicy",
+    "IndexedPolicy",
     "policy_from_checkpoint",
     "deploy_metadata",
     "export_onnx",
@@ -83,7 +84,7 @@ DEPLOY_FILE = "deploy.yaml"
 EXPORT_DIR = "export"
 # The top-level keys of deploy.yaml, each also an ONNX metadata_props entry (docs/deploy.md lists them).
 METADATA_KEYS = (
-    "format", "package_version", "task", "algo", "critic", "actor", "seed", "training", "model",
+    "format", "package_version", "task", "algo", "critic", "actor", "seed", "training", "model", "index",
     "observation", "action", "control_period_s", "verification",
 )  # fmt: skip
 
@@ -101,9 +102,9 @@ class DeployPolicy(nn.Module):
 
     def __init__(self, actor: nn.Module, obs_normalizer: RunningMeanStd | None, obs_dim: int) -> None:
         super().__init__()
-        if not isinstance(actor, ACTOR_TYPES):
+        if not isinstance(actor, nn.Module) or not callable(getattr(actor, "deterministic_action", None)):
             names = ", ".join(t.__name__ for t in ACTOR_TYPES)
-            raise ExportError(f"actor must be one of {names}, got {type(actor).__name__}")
+            raise ExportError(f"actor must be a policy with deterministic_action ({names}, ...), got {type(actor).__name__}")
         if obs_normalizer is not None and not isinstance(obs_normalizer, RunningMeanStd):
             raise ExportError(f"obs_normalizer must be a RunningMeanStd or None, got {type(obs_normalizer).__name__}")
         if obs_normalizer is not None and tuple(obs_normalizer.shape) != (obs_dim,):
@@ -123,6 +124,22 @@ class DeployPolicy(nn.Module):
         if self.obs_normalizer is not None:
             obs = self.obs_normalizer(obs)
         return self.actor.deterministic_action(obs)
+
+
+class IndexedPolicy(DeployPolicy):
+    """``actor.deterministic_action(normalise(obs), index)``: each row through its task's or agent's map (a policy
+    library's, a multi-agent actor's); `index_name` is the second ONNX input, `index_values` names its values."""
+
+    def __init__(self, actor: nn.Module, obs_normalizer: RunningMeanStd | None, obs_dim: int, index_name: str,
+                 index_values: Sequence[str]) -> None:  # fmt: skip
+        self.index_name, self.index_values = index_name, list(index_values)
+        super().__init__(actor, obs_normalizer, obs_dim)
+
+    def forward(self, obs: Tensor, index: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        if self.obs_normalizer is not None:
+            obs = self.obs_normalizer(obs)
+        index = torch.zeros(obs.shape[0], dtype=torch.long) if index is None else index
+        return self.actor.deterministic_action(obs, index)
 
 
 def _set_metadata(model: Any, metadata: Mapping[str, Any]) -> None:
@@ -145,9 +162,13 @@ def write_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
 
 
 def export_onnx(policy: DeployPolicy, path: str | Path) -> Path:
-    """Write ``policy`` as an opset-18 ONNX model (input ``obs``, output ``actions``, dynamic batch axis);
-    `write_metadata` adds the deploy facts once the model has passed its check."""
+    """Write ``policy`` as an opset-18 ONNX model (input ``obs``, and the index input of an `IndexedPolicy`;
+    output ``actions``; dynamic batch axis); `write_metadata` adds the deploy facts once the model has passed its
+    check."""
     batch = torch.export.Dim("batch")
+    if isinstance(policy, IndexedPolicy):
+        examples = (torch.zeros(2, policy.obs_dim), torch.zeros(2, dtype=torch.long))
+        return export_graph(policy, examples, [INPUT_NAME, policy.index_name], ({0: batch}, {0: batch}), path)
     return export_graph(policy, (torch.zeros(2, policy.obs_dim),), [INPUT_NAME], ({0: batch},), path)
 
 
@@ -204,9 +225,13 @@ def verify_onnx(path: str | Path, policy: DeployPolicy, obs: Tensor, tolerance: 
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     obs32 = obs.detach().to(torch.float32).cpu()
-    (onnx_actions,) = session.run([OUTPUT_NAME], {INPUT_NAME: obs32.numpy()})
+    inputs, args = {INPUT_NAME: obs32.numpy()}, (obs32,)
+    if isinstance(policy, IndexedPolicy):  # every index, in turn over the rows
+        index = torch.arange(len(obs32)) % len(policy.index_values)
+        inputs[policy.index_name], args = index.numpy(), (obs32, index)
+    (onnx_actions,) = session.run([OUTPUT_NAME], inputs)
     with torch.no_grad():
-        torch_actions = policy.eval()(obs32).numpy()
+        torch_actions = policy.eval()(*args).numpy()
     if onnx_actions.shape != torch_actions.shape:
         raise ExportError(f"onnxruntime returned shape {onnx_actions.shape}, PyTorch {torch_actions.shape}")
     diff = float(np.max(np.abs(onnx_actions - torch_actions)))
@@ -259,19 +284,13 @@ def _algorithm(state: Mapping[str, Any], source: Path) -> Algorithm:
     return ALGORITHMS[name]
 
 
-def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int, act_dim: int) -> DeployPolicy:
-    """The actor and observation normaliser of a loaded checkpoint as a `DeployPolicy` (weights loaded strictly).
-
-    ``obs_dim`` / ``act_dim`` are the env's (`env_deploy_facts`); the registry's `build_actor` rebuilds the actor
-    from the checkpoint's meta (SAC, FastTD3: the actor's width and depth; GRPO: its source run) or its saved state
-    (PPO)."""
+def _actor_of(state: Mapping[str, Any], source: Path, obs_dim: int, act_dim: int) -> tuple[nn.Module, RunningMeanStd | None]:
+    """The actor (weights loaded strictly) and observation normaliser of a loaded checkpoint; the registry's
+    `build_actor` rebuilds the actor from the checkpoint's meta (SAC, FastTD3: the actor's width and depth; GRPO:
+    its source run) or its saved state (PPO, MAPPO)."""
     entry = _algorithm(state, source)
     actor_state = _get(state, "agent.actor", source)
     rms_state = state["agent"].get("obs_rms")
-    config = _get(state, "meta.config", source)
-    if config.get("library", {}).get("tasks") and len(config["library"]["tasks"]) > 1:
-        raise ExportError(f"{source}: a run of {len(config['library']['tasks'])} library tasks; export its library "
-                          "instead (python -m fasttd3_lora.library export LIB --out DIR)")  # fmt: skip
     try:
         actor = entry.build_actor(state["meta"], actor_state, obs_dim, act_dim)
         actor.load_state_dict(actor_state)
@@ -283,7 +302,29 @@ def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int,
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"{source}: agent.actor / agent.obs_rms do not fit {entry.actor.__name__} (obs {obs_dim}, "
                           f"act {act_dim}): {first[:200]}") from None  # fmt: skip
-    return DeployPolicy(actor.eval(), normalizer, obs_dim)
+    return actor.eval(), normalizer
+
+
+def _index(state: Mapping[str, Any], actor: nn.Module, facts: Mapping[str, Any]) -> tuple[str, list[str]] | None:
+    """(input name, the names of its values) for an actor of several tasks (a library run) or agents, else None."""
+    count = int(getattr(actor, "num_tasks", 1))
+    name = ALGORITHMS[state["meta"]["config"]["algo"]["name"]].index_input
+    if count < 2 or name is None:
+        return None
+    agents = facts.get("agents")
+    names = [a["name"] for a in agents] if agents else state["meta"]["config"].get("library", {}).get("tasks") or []
+    return name, [str(n) for n in names] if len(names) == count else [str(i) for i in range(count)]
+
+
+def policy_from_checkpoint(state: Mapping[str, Any], source: Path, obs_dim: int, act_dim: int) -> DeployPolicy:
+    """The deployed policy of a loaded checkpoint (observation normaliser and deterministic action); an actor of
+    several tasks or agents as an `IndexedPolicy` (its second input says each row's)."""
+    actor, normalizer = _actor_of(state, source, obs_dim, act_dim)
+    facts = state["meta"].get("env") or {}
+    index = _index(state, actor, facts)
+    if index is not None:
+        return IndexedPolicy(actor, normalizer, obs_dim, *index)
+    return DeployPolicy(actor, normalizer, obs_dim)
 
 
 def deploy_metadata(
@@ -317,6 +358,12 @@ def deploy_metadata(
         "model": {"file": POLICY_FILE, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
                   "dtype": "float32", "input_shape": ["batch", policy.obs_dim],
                   "output_shape": ["batch", policy.act_dim]},  # fmt: skip
+        "index": None if not isinstance(policy, IndexedPolicy) else {
+            "input": policy.index_name, "dtype": "int64", "shape": ["batch"], "values": policy.index_values,
+            "per_value_models": {v: f"policy_{path_safe(v)}.onnx" for v in policy.index_values},
+            # a multi-agent env's agents: each reads the first obs_dim entries of its padded observation (the rest
+            # zeros) and uses the first act_dim of its actions, mapped as low + (a + 1) / 2 * (high - low)
+            **({"agents": list(facts["agents"])} if facts.get("agents") else {})},
         "observation": observation,
         "action": action,
         "control_period_s": facts["control_period_s"],
@@ -395,6 +442,13 @@ def export_checkpoint(
         with quiet_exporter():
             export_onnx(policy, candidate)
         diff = verify_onnx(candidate, policy, obs, tolerance)
+        if isinstance(policy, IndexedPolicy):  # one merged model per task / agent beside the indexed one
+            for k, value in enumerate(policy.index_values):
+                merged = DeployPolicy(policy.actor.merged(k), policy.obs_normalizer, policy.obs_dim)
+                path = out / f"policy_{path_safe(value)}.onnx"
+                with quiet_exporter():
+                    export_onnx(merged, path)
+                diff = max(diff, verify_onnx(path, merged, obs, tolerance))
         import onnxruntime
 
         verification = {"runtime": f"onnxruntime {onnxruntime.__version__}", "num_obs": num_obs,

@@ -24,7 +24,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
 from tensordict import TensorDict
 from torch import Tensor, nn
 
@@ -109,16 +108,6 @@ class FastTD3Config(OffPolicyConfig):
                 "allowed: 0 or null"
             )
 
-    @classmethod
-    def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
-        """`cfg.algo`, whose family-specific keys default to the task family's `task.fasttd3` values (by
-        interpolation in configs/algo/fasttd3.yaml); a `task.fasttd3` key no algo key reads is a typo."""
-        values = super().hydra_values(cfg)
-        family = cfg.task.get("fasttd3", None) if "task" in cfg else None
-        unknown = sorted(set(family or ()) - set(values))
-        if unknown:
-            raise ValueError(f"task.fasttd3 has unknown keys {unknown}; allowed: {list(values)}")
-        return values
 
 
 # ------------------------------------------------------------------------------------------- pure math

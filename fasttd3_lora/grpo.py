@@ -109,7 +109,11 @@ class GRPOConfig(AlgorithmConfig):
             raise ConfigError(f"grpo.from={source!r}: allowed a run directory (or checkpoint) of a SAC, FastTD3 or "
                               "PPO run, whose actor is fine-tuned")  # fmt: skip
         try:
-            source_config(source)
+            path = resolve_checkpoint(source, key="grpo.from")
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+        try:
+            source_config(path)
         except CheckpointError as err:
             raise ConfigError(f"grpo.from={source}: {err}") from None
 

@@ -24,13 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
 import torch
 import yaml
-from torch import Tensor, nn
 
 import fasttd3_lora
-from fasttd3_lora.adapters import LoRALinear
 from fasttd3_lora.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 from fasttd3_lora.export import (
     DEPLOY_FILE,
@@ -40,7 +37,7 @@ from fasttd3_lora.export import (
     POLICY_FILE,
     DeployPolicy,
     ExportError,
-    export_graph,
+    IndexedPolicy,
     export_onnx,
     quiet_exporter,
     sample_observations,
@@ -48,36 +45,12 @@ from fasttd3_lora.export import (
     write_metadata,
 )
 from fasttd3_lora.library_store import Library, LibraryError, create_library, library_policy
-from fasttd3_lora.mlp_policy import GaussianPolicy
-from fasttd3_lora.normalization import RunningMeanStd
 
-__all__ = ["LIBRARY_MODEL", "TASK_INPUT", "LibraryModel", "merged_policy", "size_rows", "export_library", "main"]
+__all__ = ["LIBRARY_MODEL", "TASK_INPUT", "size_rows", "export_library", "main"]
 
 LIBRARY_MODEL = "library.onnx"
 TASK_INPUT = "task_id"
 EXIT_ERROR = 2
-
-
-class LibraryModel(nn.Module):
-    """`policy.deterministic_action(normalise(obs), task_id)`: every row with its task's adapter (the exported
-    graph of a whole library)."""
-
-    def __init__(self, policy: GaussianPolicy, obs_rms: RunningMeanStd) -> None:
-        super().__init__()
-        self.policy, self.obs_rms = policy.eval(), obs_rms.eval()
-
-    def forward(self, obs: Tensor, task_id: Tensor) -> Tensor:
-        return self.policy.deterministic_action(self.obs_rms(obs), task_id)
-
-
-def merged_policy(policy: GaussianPolicy, k: int) -> GaussianPolicy:
-    """A plain policy computing adapter k's map: each adapted layer replaced by its merged `nn.Linear`."""
-    merged = GaussianPolicy(policy.obs_dim, policy.act_dim, policy.hidden_dims)
-    with torch.no_grad():
-        for i, layer in enumerate(policy.mean_net.layers):
-            merged.mean_net.layers[i] = layer.dense_copy(k) if isinstance(layer, LoRALinear) else layer
-        merged.log_std.copy_(policy.log_std[k : k + 1])
-    return merged.eval()
 
 
 def size_rows(library: Library) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -168,7 +141,7 @@ def export_library(library: Library, out: str | Path, task: str | None = None, n
     verification = {"runtime": f"onnxruntime {ort.__version__}", "num_obs": num_obs, "seed": seed,
                     "obs_source": "N(mean, var) of the base's observation statistics", "tolerance": tolerance}  # fmt: skip
     if task is not None:
-        deploy = DeployPolicy(merged_policy(policy, 0), rms, library.base["obs_dim"])
+        deploy = DeployPolicy(policy.merged(0), rms, library.base["obs_dim"])
         name = POLICY_FILE
         model = {"file": name, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME, "dtype": "float32",
                  "input_shape": ["batch", deploy.obs_dim], "output_shape": ["batch", deploy.act_dim]}  # fmt: skip
@@ -183,25 +156,16 @@ def export_library(library: Library, out: str | Path, task: str | None = None, n
         finally:
             candidate.unlink(missing_ok=True)
     else:
-        module = LibraryModel(policy, rms)
+        module = IndexedPolicy(policy, rms, library.base["obs_dim"], TASK_INPUT, tasks)
         name = LIBRARY_MODEL
         model = {"file": name, "opset": OPSET, "inputs": {INPUT_NAME: ["batch", library.base["obs_dim"]],
                  TASK_INPUT: ["batch"]}, "task_id": "int64 index into tasks", "output": OUTPUT_NAME,
                  "output_shape": ["batch", library.base["act_dim"]], "dtype": "float32"}  # fmt: skip
-        task_id = torch.arange(num_obs) % len(tasks)
         candidate = out / f".{name}.tmp"
         try:
-            batch = torch.export.Dim("batch")
             with quiet_exporter():
-                export_graph(module, (torch.zeros(2, library.base["obs_dim"]), torch.zeros(2, dtype=torch.long)),
-                             [INPUT_NAME, TASK_INPUT], ({0: batch}, {0: batch}), candidate)  # fmt: skip
-            session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
-            (actions,) = session.run([OUTPUT_NAME], {INPUT_NAME: obs.numpy(), TASK_INPUT: task_id.numpy()})
-            with torch.no_grad():
-                expected = module(obs, task_id).numpy()
-            diff = float(np.max(np.abs(actions - expected)))
-            if not diff <= tolerance:
-                raise ExportError(f"{candidate}: onnxruntime and PyTorch differ by {diff:.3g} > tolerance {tolerance:g}")
+                export_onnx(module, candidate)
+            diff = verify_onnx(candidate, module, obs, tolerance)
             metadata = _deploy_facts(library, tasks, model, {**verification, "max_abs_diff": diff})
             write_metadata(candidate, metadata)
             os.replace(candidate, out / name)

@@ -13,6 +13,7 @@ their linear maps can carry LoRA adapters (`fasttd3_lora.adapters`) and a batch 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -83,23 +84,36 @@ class GaussianPolicy(nn.Module):
         """The clipped mean: evaluation's and export's action, in [-1, 1]."""
         return self.mean_net(obs, adapter=task_rows(task, obs.shape[0], obs.device)).clamp(-1.0, 1.0)
 
+    @torch.no_grad()
+    def merged(self, k: int) -> "GaussianPolicy":
+        """A plain policy computing row index k's map: each adapted layer replaced by adapter k merged into an
+        `nn.Linear`, log-std row k (export of one task's or one agent's policy)."""
+        merged = GaussianPolicy(self.obs_dim, self.act_dim, self.hidden_dims)
+        for i, layer in enumerate(self.mean_net.layers):
+            merged.mean_net.layers[i] = layer.dense_copy(k) if isinstance(layer, AdapterLayer) else copy.deepcopy(layer)
+        merged.log_std.copy_(self.log_std[k : k + 1])
+        return merged.eval()
+
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor], alpha: float | None = None) -> "GaussianPolicy":
-        """The policy a `state_dict()` came from (sizes, and LoRA adapters where it has them, with `alpha`, which a
-        state dict does not hold: None is alpha = rank), loaded strictly: export rebuilds a run's policy from its
-        checkpoint and config alone."""
-        i, dims, lora = 0, [], None
+    def from_state_dict(cls, state: dict[str, Tensor], alpha: float | None = None,
+                        rank: int | None = None) -> "GaussianPolicy":  # fmt: skip
+        """The policy a `state_dict()` came from (sizes, and LoRA adapters where it has them, with the `rank` and
+        `alpha` asked for, which a state dict does not hold: rank None is the widest adapter's, alpha None is alpha
+        = rank), loaded strictly: export rebuilds a run's policy from its checkpoint and config alone."""
+        i, dims, ranks, adapters = 0, [], [], 1
         while f"mean_net.layers.{i}.weight" in state or f"mean_net.layers.{i}.base" in state:
             weight = state.get(f"mean_net.layers.{i}.weight", state.get(f"mean_net.layers.{i}.base"))
             dims.append(tuple(weight.shape))
             if f"mean_net.layers.{i}.lora_A" in state:
-                lora = state[f"mean_net.layers.{i}.lora_A"].shape  # (num_adapters, rank, in)
+                adapters, r, _ = state[f"mean_net.layers.{i}.lora_A"].shape  # (num_adapters, rank, in)
+                ranks.append(r)  # narrow layers hold fewer than the asked rank (add_adapters)
             i += 1
         if not dims:
             raise ValueError("not a GaussianPolicy state dict (no mean_net.layers.0)")
         policy = cls(dims[0][1], dims[-1][0], [d[0] for d in dims[:-1]], num_tasks=state["log_std"].shape[0])
-        if lora is not None:
-            add_adapters(policy.mean_net, list(policy.mean_net.layers), rank=lora[1], num_adapters=lora[0], alpha=alpha)
+        if ranks:
+            add_adapters(policy.mean_net, list(policy.mean_net.layers), rank=rank or max(ranks), num_adapters=adapters,
+                         alpha=alpha)  # fmt: skip
         policy.load_state_dict(state)
         return policy
 

@@ -49,8 +49,6 @@ __all__ = [
 ]
 
 FULL = "full"  # library.rank=full: fine-tune every weight of the base (the baseline), not adapters
-# task.ppo keys that are not PPOConfig fields: the run's cadence, which the top-level keys read (configs/config.yaml)
-CADENCE_KEYS = ("eval_every", "checkpoint_every")
 LR_BOUNDS = (1e-5, 1e-2)  # rsl_rl's adaptive learning rate stays in this range
 KL_STEP = 1.5  # and moves by this factor
 
@@ -61,7 +59,7 @@ class PPOConfig(AlgorithmConfig):
     (`library.*`: `library_path` None is plain PPO; `library_rank` None fine-tunes every weight)."""
 
     name: ClassVar[str] = "ppo"
-    uses_library: ClassVar[bool] = True
+    groups: ClassVar[tuple[str, ...]] = ("library",)
 
     num_steps: int  # agent steps per env per rollout
     num_epochs: int
@@ -124,15 +122,6 @@ class PPOConfig(AlgorithmConfig):
     @property
     def has_library(self) -> bool:
         return self.library_path is not None
-
-    @classmethod
-    def hydra_values(cls, cfg: DictConfig) -> dict[str, Any]:
-        values = super().hydra_values(cfg)
-        family = cfg.task.get("ppo", None) if "task" in cfg else None
-        unknown = sorted(set(family or ()) - set(values) - set(CADENCE_KEYS))
-        if unknown:
-            raise ValueError(f"task.ppo has unknown keys {unknown}; allowed: {list(values)}")
-        return values
 
     @classmethod
     def group_fields(cls, cfg: DictConfig) -> dict[str, Any]:
@@ -233,13 +222,22 @@ def clipped_surrogate_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: T
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)).mean()
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None) -> Tensor:
-    """`mean(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2))` (rsl_rl); `clip=None`: `mean((V - R)^2)`."""
-    loss = (values - returns).pow(2)
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float | None,
+                       huber_delta: float | None = None) -> Tensor:  # fmt: skip
+    """`mean(max(l(V - R), l(V_old + clip(V - V_old, -eps, eps) - R)))` (rsl_rl, MAPPO) with `l` the square, or the
+    Huber loss of `huber_delta` (MAPPO's; `2 x` torch's `huber_loss`, so it equals the square near 0);
+    `clip=None`: `mean(l(V - R))`."""
+
+    def l(error: Tensor) -> Tensor:
+        if huber_delta is None:
+            return error.pow(2)
+        return 2.0 * torch.nn.functional.huber_loss(error, torch.zeros_like(error), reduction="none", delta=huber_delta)
+
+    loss = l(values - returns)
     if clip is None:
         return loss.mean()
     clipped = old_values + (values - old_values).clamp(-clip, clip)
-    return torch.maximum(loss, (clipped - returns).pow(2)).mean()
+    return torch.maximum(loss, l(clipped - returns)).mean()
 
 
 def adapted_lr(lr: float, kl: float, desired_kl: float) -> float:

@@ -231,11 +231,13 @@ def _scale_and_sparsity(config: dict[str, Any], presets: dict[str, dict[str, Any
 
 def _distinguishing(config: dict[str, Any]) -> dict[str, Any]:
     """The keys that can tell two runs of one task apart in a column name: all but the task, the seed, the
-    steering keys, the scale group (named by `_scale_and_sparsity`) and the library's place and base (a library
-    run's method is its rank; several tasks in one run show as `tasks per run`)."""
+    steering keys, the scale group (named by `_scale_and_sparsity`), the library's place and base (a library
+    run's method is its rank; several tasks in one run show as `tasks per run`) and the multi-agent policy's mode
+    and source (the method names the mode; rank and alpha count for LoRASA only)."""
     flat = _flatten(config)
+    lorasa = (config.get("policy") or {}).get("mode") == "lorasa"
     keys = {k: v for k, v in flat.items() if not _steering(k) and not k.startswith(("task.", "scale.", "library."))
-            and k != "critic.kind"}  # fmt: skip
+            and k not in ("critic.kind", "policy.mode", "policy.from") and (lorasa or not k.startswith("policy."))}  # fmt: skip
     tasks = (config.get("library") or {}).get("tasks") or []
     if len(tasks) > 1:
         keys["tasks per run"] = len(tasks)
@@ -243,11 +245,12 @@ def _distinguishing(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _method(config: dict[str, Any]) -> str:
-    """What learnt: the critic kind (SAC, FastTD3), else the algorithm and its library mode (`ppo-lora-r4`)."""
+    """What learnt: the critic kind (SAC, FastTD3), else the algorithm and its library or multi-agent policy mode
+    (`ppo-lora-r4`, `mappo-lorasa`)."""
     if "critic" in config:
         return str(config["critic"]["kind"])
-    library = config.get("library") or {}
-    return run_tag(config["algo"]["name"], None, library.get("path"), library.get("rank"))
+    library, policy = config.get("library") or {}, config.get("policy") or {}
+    return run_tag(config["algo"]["name"], None, library.get("path"), library.get("rank"), policy.get("mode"))
 
 
 def column_labels(runs: Sequence[Run]) -> dict[Path, str]:
@@ -293,7 +296,7 @@ def _table(algo: str, runs: list[Run], labels: dict[Path, str], reference: Path)
     for run in runs:
         cells[(run.config["task"]["name"], labels[run.path])].append(run)
     budgets = sorted({r.total for r in runs if r.total is not None})
-    show_reference = len(budgets) == 1
+    show_reference = len(budgets) == 1 and any(task.startswith("dmc/") for task in tasks)  # SimbaV2's DMC curves
     header = ["task", *columns] + (["SimbaV2 reference"] if show_reference else [])
     lines = [f"### {algo}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     means: dict[str, list[float]] = defaultdict(list)

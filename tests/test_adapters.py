@@ -122,7 +122,7 @@ def test_gaussian_b_starts_away_from_the_base() -> None:
         (dict(rank=4), r"rank must be an int in \[1, min\(in, out\)\] = \[1, 3\], got 4"),
         (dict(num_adapters=0), r"num_adapters must be an int >= 1, got 0"),
         (dict(alpha=-1.0), r"alpha must be a finite number > 0, got -1.0"),
-        (dict(init_B="ones"), r"init_B must be one of \('zeros', 'gaussian'\), got 'ones'"),
+        (dict(init_B="ones"), r"init_B must be one of \('zeros', 'gaussian', 'mirror'\), got 'ones'"),
         (dict(weight=torch.zeros(3, 3)), r"weight has shape \(3, 3\), expected \(3, 4\)"),
     ],
 )

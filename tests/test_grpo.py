@@ -20,7 +20,7 @@ from fasttd3_lora.mlp_policy import GaussianPolicy
 from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor
 from fasttd3_lora.tasks.dmc import DMCEnv
 
-from tiny_runs import SMALL_NETS, Crash, crash_at, train_one_thread
+from tiny_runs import SMALL_NETS, assert_same_agent, crash_and_resume, train_one_thread
 
 TASK = ["task=dmc/cartpole-balance", "task.max_episode_steps=20", "precision=fp32"]
 SOURCES = {
@@ -133,22 +133,16 @@ def test_the_kl_penalty_is_logged_and_holds_the_policy_closer(sources, tmp_path)
 def test_resumed_grpo_run_matches_an_uninterrupted_one_bit_for_bit(sources, tmp_path, monkeypatch):
     overrides = [*GRPO, f"grpo.from={sources['ppo']}", "grpo.rank=2"]
     whole = train_one_thread(overrides, tmp_path / "whole")
-    crash_at(monkeypatch, 480)  # after the checkpoint at 320
-    with pytest.raises(Crash):
-        train_one_thread(overrides, tmp_path / "broken")
-    monkeypatch.undo()
-    resumed = train_one_thread([*overrides, f"resume={tmp_path / 'broken'}"], tmp_path / "broken")
+    resumed = crash_and_resume(monkeypatch, overrides, tmp_path / "broken", 480)  # after the checkpoint at 320
     assert resumed.last_eval_return == whole.last_eval_return
-    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")["agent"]["actor"]
-    b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")["agent"]["actor"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_agent(tmp_path / "whole", tmp_path / "broken", ("actor",))
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ([], "grpo.from=None: allowed a run directory"),
-        (["grpo.from=/no/such/run"], "grpo.from=/no/such/run: resume=/no/such/run: no such run directory"),
+        (["grpo.from=/no/such/run"], "^grpo.from=/no/such/run: no such run directory or checkpoint file$"),
         (["algo.num_envs=6"], "algo.num_envs=6: allowed a multiple of algo.group_size"),
         (["grpo.group_size=1"], "algo.group_size=1: allowed an integer >= 2"),
         (["grpo.rank=0"], "algo.rank=0: allowed an integer >= 1 or full"),

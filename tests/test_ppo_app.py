@@ -19,13 +19,13 @@ import yaml
 from fasttd3_lora.checkpoint import load_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config
 from fasttd3_lora.export import export_checkpoint
-from fasttd3_lora.library import export_library, main as library_main, merged_policy, size_rows
+from fasttd3_lora.library import export_library, main as library_main, size_rows
 from fasttd3_lora.library_store import Library, LibraryError, create_library, library_policy
 from fasttd3_lora.tasks import isaaclab
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv
 
 import isaaclab_standin as standin
-from tiny_runs import Crash, crash_at, train_one_thread
+from tiny_runs import assert_same_agent, crash_and_resume, train_one_thread
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -71,17 +71,10 @@ def test_ppo_run_trains_evaluates_checkpoints_and_exports(base_run, tmp_path) ->
 
 def test_resumed_ppo_run_matches_an_uninterrupted_one_bit_for_bit(base_run, tmp_path, monkeypatch) -> None:
     whole_dir, whole = base_run
-    crash_at(monkeypatch, 120)  # after the checkpoint at 80, one iteration into the second half
-    with pytest.raises(Crash):
-        train_one_thread(TINY, tmp_path / "broken")
-    monkeypatch.undo()
-    resumed = train_one_thread([*TINY, f"resume={tmp_path / 'broken'}"], tmp_path / "broken")
+    # dies after the checkpoint at 80, one iteration into the second half
+    resumed = crash_and_resume(monkeypatch, TINY, tmp_path / "broken", 120)
     assert (resumed.env_step, resumed.last_eval_return) == (whole.env_step, whole.last_eval_return)
-    a = load_checkpoint(whole_dir / "checkpoints" / "latest.pt")["agent"]
-    b = load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")["agent"]
-    for key in ("actor", "value", "obs_rms"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert_same_agent(whole_dir, tmp_path / "broken", ("actor", "value", "obs_rms"))
 
 
 # ---------------------------------------------------------------------------------------------- library
@@ -142,7 +135,7 @@ def test_mixed_batch_equals_each_tasks_merged_policy(library) -> None:
     with torch.no_grad():
         mixed = policy.deterministic_action(obs, task)
         for k in range(len(tasks)):
-            alone = merged_policy(policy, k).deterministic_action(obs[task == k])
+            alone = policy.merged(k).deterministic_action(obs[task == k])
             assert (mixed[task == k] - alone).abs().max() <= 1e-6
         assert not torch.allclose(mixed[task == 0], policy.deterministic_action(obs[task == 0], 1))
 

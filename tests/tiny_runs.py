@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fasttd3_lora.checkpoint import load_checkpoint
 from fasttd3_lora.config import compose_config, expand_shorthands
 from fasttd3_lora.loops.kit import Counters, UpdateMetrics
 from fasttd3_lora.run_logging import RunLogger
@@ -61,3 +62,22 @@ def crash_after_log(monkeypatch: pytest.MonkeyPatch, env_step: int) -> None:
     """Make the next training run raise `Crash` right after it has written the metrics row of `env_step` (the
     moment a SIGKILL leaves rows on disk that the resumed run will log again)."""
     _crash_after(monkeypatch, RunLogger, "log", env_step, lambda args: args[0])  # log(env_step, wall_time, row)
+
+
+def crash_and_resume(monkeypatch: pytest.MonkeyPatch, overrides: list[str], run_dir: Path, env_step: int) -> Counters:
+    """A run of `overrides` into `run_dir` that dies once it has logged `env_step`, then its resumption."""
+    crash_at(monkeypatch, env_step)
+    with pytest.raises(Crash):
+        train_one_thread(overrides, run_dir)
+    monkeypatch.undo()
+    return train_one_thread([*overrides, f"resume={run_dir}"], run_dir)
+
+
+def assert_same_agent(a_dir: Path, b_dir: Path, keys: tuple[str, ...]) -> None:
+    """The latest checkpoints of two runs hold bit-identical `agent[key]` tensors for every key."""
+    a = load_checkpoint(a_dir / "checkpoints" / "latest.pt")["agent"]
+    b = load_checkpoint(b_dir / "checkpoints" / "latest.pt")["agent"]
+    for key in keys:
+        assert a[key].keys() == b[key].keys(), key
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"

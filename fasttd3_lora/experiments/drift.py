@@ -21,19 +21,17 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import statistics
-import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
 from fasttd3_lora.drift import single_layer_run
+from fasttd3_lora.experiments.grid import run_commands
 
 FULL = "full"
 EXIT_ERROR = 2
@@ -124,29 +122,10 @@ def control_commands(source: str, task: str, out: Path, ranks: Sequence[str], se
 
 
 def control(out: Path, commands: list[tuple[Path, list[str]]], jobs: int) -> None:
-    """Run the commands not finished yet, `jobs` at a time (each logs into its run directory's train.log)."""
-    todo = [(d, c) for d, c in commands if not _finished(d)]
-    print(f"{len(commands) - len(todo)} of {len(commands)} runs already finished; running {len(todo)}", flush=True)
-
-    def one(item: tuple[Path, list[str]]) -> tuple[Path, int]:
-        run_dir, command = item
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = run_dir.parent / f"{run_dir.name}.log"
-        with open(log, "w") as f:
-            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "MUJOCO_GL": "disabled", "OMP_NUM_THREADS": "1"})  # fmt: skip
-        print(f"{'done' if code == 0 else f'FAILED ({code})'}: {run_dir} (log {log})", flush=True)
-        return run_dir, code
-
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        failed = [d for d, code in pool.map(one, todo) if code != 0]
+    """Run the commands not finished yet, `jobs` at a time (`fasttd3_lora.experiments.grid`)."""
+    failed = run_commands(commands, jobs)
     if failed:
         _fail(f"{len(failed)} run(s) failed, first {failed[0]} (its log beside it)")
-
-
-def _finished(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return status.is_file() and '"finished"' in status.read_text()
 
 
 # ------------------------------------------------------------------------------------------------ report
