@@ -59,7 +59,7 @@ def timings(rank: int, hidden: list[int], envs: int, reps: int) -> list[str]:
         calls = {"LoRASA, one mixed batch": lambda: lorasa.deterministic_action(obs, agent),
                  "LoRASA, loop over agents (merged copies)": loop_merged,
                  "NPS, one network per agent (dense)": lambda: separate.deterministic_action(obs, agent),
-                 "PS without adapters (lower bound)": lambda: merged[0].deterministic_action(obs)}  # fmt: skip
+                 "PS, one plain network on every row": lambda: merged[0].deterministic_action(obs)}  # fmt: skip
         with torch.no_grad():
             diff = (calls["LoRASA, one mixed batch"]() - loop_merged()).abs().max().item()
             for fn in calls.values():

@@ -140,37 +140,27 @@ def export_library(library: Library, out: str | Path, task: str | None = None, n
     obs = sample_observations(rms, library.base["obs_dim"], num_obs, torch.Generator().manual_seed(seed))
     verification = {"runtime": f"onnxruntime {ort.__version__}", "num_obs": num_obs, "seed": seed,
                     "obs_source": "N(mean, var) of the base's observation statistics", "tolerance": tolerance}  # fmt: skip
-    if task is not None:
-        deploy = DeployPolicy(policy.merged(0), rms, library.base["obs_dim"])
+    if task is not None:  # one task's merged policy: a plain model
+        module = DeployPolicy(policy.merged(0), rms, library.base["obs_dim"])
         name = POLICY_FILE
         model = {"file": name, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME, "dtype": "float32",
-                 "input_shape": ["batch", deploy.obs_dim], "output_shape": ["batch", deploy.act_dim]}  # fmt: skip
-        candidate = out / f".{name}.tmp"
-        try:
-            with quiet_exporter():
-                export_onnx(deploy, candidate)
-            diff = verify_onnx(candidate, deploy, obs, tolerance)
-            metadata = _deploy_facts(library, tasks, model, {**verification, "max_abs_diff": diff})
-            write_metadata(candidate, metadata)
-            os.replace(candidate, out / name)
-        finally:
-            candidate.unlink(missing_ok=True)
-    else:
+                 "input_shape": ["batch", module.obs_dim], "output_shape": ["batch", module.act_dim]}  # fmt: skip
+    else:  # every task: a task_id input picks each row's adapter
         module = IndexedPolicy(policy, rms, library.base["obs_dim"], TASK_INPUT, tasks)
         name = LIBRARY_MODEL
         model = {"file": name, "opset": OPSET, "inputs": {INPUT_NAME: ["batch", library.base["obs_dim"]],
                  TASK_INPUT: ["batch"]}, "task_id": "int64 index into tasks", "output": OUTPUT_NAME,
                  "output_shape": ["batch", library.base["act_dim"]], "dtype": "float32"}  # fmt: skip
-        candidate = out / f".{name}.tmp"
-        try:
-            with quiet_exporter():
-                export_onnx(module, candidate)
-            diff = verify_onnx(candidate, module, obs, tolerance)
-            metadata = _deploy_facts(library, tasks, model, {**verification, "max_abs_diff": diff})
-            write_metadata(candidate, metadata)
-            os.replace(candidate, out / name)
-        finally:
-            candidate.unlink(missing_ok=True)
+    candidate = out / f".{name}.tmp"
+    try:
+        with quiet_exporter():
+            export_onnx(module, candidate)
+        diff = verify_onnx(candidate, module, obs, tolerance)
+        metadata = _deploy_facts(library, tasks, model, {**verification, "max_abs_diff": diff})
+        write_metadata(candidate, metadata)
+        os.replace(candidate, out / name)
+    finally:
+        candidate.unlink(missing_ok=True)
     deploy_path = out / DEPLOY_FILE
     deploy_path.write_text(yaml.safe_dump(metadata, sort_keys=False, default_flow_style=None, width=120))
     return out / name, deploy_path, diff

@@ -31,10 +31,9 @@ from typing import Any, NoReturn
 import yaml
 
 from fasttd3_lora.drift import single_layer_run
-from fasttd3_lora.experiments.grid import run_commands
+from fasttd3_lora.experiments.grid import command_line, fail, run_commands
 
 FULL = "full"
-EXIT_ERROR = 2
 SINGLE_LAYER_RANKS = (1, 2, 4, 8, 16)
 SINGLE_LAYER = {"steps": 100, "eta": 0.05, "g": 0.2, "m": 6, "n": 16}  # docs/drift.md explains the choice
 
@@ -272,13 +271,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"fasttd3-drift: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_ERROR)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        _fail(f"{message} (python -m fasttd3_lora.experiments.drift --help)")
+    fail("fasttd3-drift", message)
 
 
 def _rank(text: str) -> str:
@@ -288,8 +281,8 @@ def _rank(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = _Parser(prog="python -m fasttd3_lora.experiments.drift", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = command_line("fasttd3_lora.experiments.drift", "fasttd3-drift", __doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=type(parser))
     single = commands.add_parser("single-layer", help="the single-layer bound against measured drift")
     single.add_argument("--out", type=Path, required=True)
     single.add_argument("--seeds", type=int, default=3)

@@ -1,14 +1,20 @@
-"""Running an experiment's training runs: each a command line of the app writing one run directory, those already
-finished skipped, `jobs` at a time, each logging beside its directory (`<run dir>.log`)."""
+"""What the experiment modules share: running their training runs (each a command line of the app writing one run
+directory, those already finished skipped, `jobs` at a time, each logging beside its directory as `<run dir>.log`)
+and their command lines' one-line errors (exit 2)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
-__all__ = ["finished", "run_commands"]
+__all__ = ["EXIT_ERROR", "finished", "run_commands", "fail", "command_line"]
+
+EXIT_ERROR = 2
 
 
 def finished(run_dir: Path) -> bool:
@@ -33,3 +39,20 @@ def run_commands(commands: list[tuple[Path, list[str]]], jobs: int) -> list[Path
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return [d for d, code in pool.map(one, todo) if code != 0]
+
+
+def fail(name: str, message: str) -> NoReturn:
+    """One line on stderr, `<name>: <message>`, then exit 2."""
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_ERROR)
+
+
+def command_line(module: str, name: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser for `python -m <module>` (its subcommands' parsers alike) whose usage errors are one line
+    naming --help, reported as `name`, exit 2."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            fail(name, f"{message} (python -m {module} --help)")
+
+    return Parser(prog=f"python -m {module}", description=description)

@@ -20,7 +20,6 @@ drop out), and writes into --out (default DIR/library_report):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
 import sys
@@ -29,9 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fasttd3_lora.experiments.grid import command_line, fail
 from fasttd3_lora.report import Run, find_runs, load_run, per_task
 
-EXIT_ERROR = 2
 
 
 def _method(run: Run) -> str:
@@ -159,13 +158,12 @@ def plot_returns(returns_csv: Path, path: Path) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"fasttd3-library-report: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_ERROR)
+    fail("fasttd3-library-report", message)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fasttd3_lora.experiments.library", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = command_line("fasttd3_lora.experiments.library", "fasttd3-library-report", __doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=type(parser))
     rep = commands.add_parser("report")
     rep.add_argument("--runs", type=Path, required=True)
     rep.add_argument("--out", type=Path, default=None)

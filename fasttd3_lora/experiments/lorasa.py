@@ -15,7 +15,6 @@ refused in one line otherwise. Errors: one line, exit 2.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import defaultdict
@@ -25,10 +24,9 @@ from typing import NoReturn
 
 from fasttd3_lora.checkpoint import load_checkpoint
 from fasttd3_lora.config import ConfigError, compose_config
-from fasttd3_lora.experiments.grid import run_commands
+from fasttd3_lora.experiments.grid import command_line, fail, run_commands
 from fasttd3_lora.report import load_run, plot_curves, write_curves
 
-EXIT_ERROR = 2
 MODES = ("shared", "separate", "lorasa")
 LABELS = {"shared": "PS (shared)", "separate": "NPS (separate)", "lorasa": "LoRASA (from PS at the half)"}
 
@@ -109,18 +107,12 @@ def report(out: Path) -> str:
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"fasttd3-lorasa: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_ERROR)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        _fail(f"{message} (python -m fasttd3_lora.experiments.lorasa --help)")
+    fail("fasttd3-lorasa", message)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = _Parser(prog="python -m fasttd3_lora.experiments.lorasa", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = command_line("fasttd3_lora.experiments.lorasa", "fasttd3-lorasa", __doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=type(parser))
     run = sub.add_parser("run", help="PS, NPS and LoRASA runs of every seed, then the report")
     run.add_argument("--out", type=Path, required=True)
     run.add_argument("--task", required=True)
