@@ -32,6 +32,8 @@ FIGURES: dict[str, tuple[str, Callable[[Path, Path], None]]] = {
                                           functools.partial(plot_curves, title="PPO on dmc/walker-walk (the library's base)")),
     "docs/learning/cpu-demo.png": ("docs/learning/cpu-demo.csv",
                                    functools.partial(plot_curves, title="make train: FastTD3 + LoRA on dmc/cartpole-swingup")),
+    "docs/mappo/lorasa_vmas-het_mass.png": ("docs/mappo/lorasa_curves_vmas-het_mass.csv",
+                                            functools.partial(plot_curves, title="MAPPO on vmas/het_mass: PS, NPS, LoRASA")),
 }  # fmt: skip
 # README figures drawn before this script existed, from runs whose metrics were not committed
 WITHOUT_DATA = {
