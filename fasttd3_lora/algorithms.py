@@ -110,8 +110,8 @@ ALGORITHMS: dict[str, Algorithm] = {
                   index_input="task_id"),
         # Isaac Lab draws each env's start from its own generator: a group of envs cannot share one (docs/drift.md)
         Algorithm(GRPOConfig, GaussianView, ("dmc", "metaworld"), "fasttd3_lora.loops.grpo", _grpo_policy),
-        Algorithm(MAPPOConfig, GaussianPolicy, ("vmas", "mamujoco"), "fasttd3_lora.loops.mappo", _mappo_actor,
-                  index_input="agent_id"),
+        Algorithm(MAPPOConfig, GaussianPolicy, ("vmas", "mamujoco", "isaaclab_marl"), "fasttd3_lora.loops.mappo",
+                  _mappo_actor, index_input="agent_id"),
     )
 }
 

@@ -294,7 +294,8 @@ def validate_config(cfg: DictConfig) -> None:
 
     family = choice(cfg, "task.family", TASK_FAMILIES)
     if family not in entry.families:
-        raise ConfigError(f"task.family={family!r}: {entry.name} runs {' and '.join(entry.families)} tasks only; "
+        families = ", ".join(entry.families[:-1]) + (" and " if len(entry.families) > 1 else "") + entry.families[-1]
+        raise ConfigError(f"task.family={family!r}: {entry.name} runs {families} tasks only; "
                           f"algorithms for {family}: {', '.join(n for n, a in ALGORITHMS.items() if family in a.families)}")
     name, options = get(cfg, "task.name"), group_options("task")
     if name not in options:

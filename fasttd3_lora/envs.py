@@ -3,8 +3,10 @@ says about its interface for deployment (DESIGN §7, §8).
 
 `make_envs(EnvRequest(...))` dispatches on `task.family` (`ENV_BUILDERS`): `dmc` is the vectorised DeepMind
 Control env (`fasttd3_lora.tasks.dmc`), `metaworld` Meta-World through EnvPool (`fasttd3_lora.tasks.metaworld`),
-`isaaclab` Isaac Lab (`fasttd3_lora.tasks.isaaclab`, imported only when a run needs it). A request carries every value a builder reads, taken from the run's algorithm config once, so
-nothing is written back into the Hydra config. `env_deploy_facts(env)` is what checkpoints record for export.
+`isaaclab` Isaac Lab (`fasttd3_lora.tasks.isaaclab`, imported only when a run needs it), `vmas` / `mamujoco` /
+`isaaclab_marl` the multi-agent families (`fasttd3_lora.tasks.multi_agent`). A request carries every value a
+builder reads, taken from the run's algorithm config once, so nothing is written back into the Hydra config.
+`env_deploy_facts(env)` is what checkpoints record for export.
 """
 
 from __future__ import annotations
@@ -145,6 +147,22 @@ def make_isaaclab_envs(request: EnvRequest) -> tuple[IsaacLabEnv, IsaacLabEnv]:
     return env, env
 
 
+def make_isaaclab_marl_envs(request: EnvRequest) -> tuple[MultiAgentEnv, MultiAgentEnv]:
+    """An Isaac Lab multi-agent env (`fasttd3_lora.tasks.isaaclab_marl`), twice: one env per process, so the loop
+    evaluates on the training env and restarts the training episodes after it."""
+    from fasttd3_lora.tasks import isaaclab, isaaclab_marl  # looked up at call time: tests swap in a stand-in
+
+    task = request.task
+    if request.render:
+        raise ConfigError(f"video.every: {task.family} frames are not wired up; allowed 0 for {task.name}")
+    try:
+        env = isaaclab_marl.make_isaaclab_marl_env(task.name, request.num_envs, request.seed, request.device,
+                                                   task.physics, task.headless)  # fmt: skip
+    except (isaaclab.IsaacLabUnavailable, ValueError) as err:  # one line each, exit 2
+        raise ConfigError(str(err)) from None
+    return env, env
+
+
 # task.family -> (training envs, evaluation envs)
 ENV_BUILDERS: dict[str, Callable[[EnvRequest], tuple[EnvBase, EnvBase]]] = {
     "dmc": make_dmc_envs,
@@ -152,6 +170,7 @@ ENV_BUILDERS: dict[str, Callable[[EnvRequest], tuple[EnvBase, EnvBase]]] = {
     "vmas": make_multi_agent_envs,
     "mamujoco": make_multi_agent_envs,
     "isaaclab": make_isaaclab_envs,
+    "isaaclab_marl": make_isaaclab_marl_envs,
 }
 TASK_FAMILIES = tuple(ENV_BUILDERS)
 

@@ -8,6 +8,9 @@ its path; not part of CI (it downloads the wheel). It prints one line per check 
 * the names the wrapper reads exist: `parse_env_cfg(..., overrides=)`, `launch_simulation(cfg, launcher_args)`,
   the Shadow hand's `actuated_tendon_indices` / `tendon_lower_limits` / `tendon_upper_limits`, the
   articulation's `fixed_tendon_names`, `compute_final_obs`;
+* the two multi-agent tasks resolve under their 3.0 ids with the agents, spaces and state the configs and docs
+  name, and `DirectMARLEnv` has what `fasttd3_lora.tasks.isaaclab_marl` calls (`_reset_idx`, `_get_states`,
+  `state`, `compute_final_obs` and its `extras[agent]["final_obs"]`);
 * without Isaac Sim, launching a PhysX (Kit) task exits with SystemExit(1), which the wrapper turns into one line.
 
 Stepping a real env needs the task's assets from the internet (and an RTX GPU for PhysX): not checked here.
@@ -23,6 +26,7 @@ from isaaclab.app import launch_simulation
 from isaaclab_tasks.utils import parse_env_cfg
 
 from fasttd3_lora.tasks.isaaclab import PHYSICS_BACKENDS
+from fasttd3_lora.tasks.isaaclab_marl import MARL_TASKS
 from fasttd3_lora.tasks.isaaclab_names import TASKS
 
 FAILED: list[str] = []
@@ -66,6 +70,21 @@ def main() -> None:
     for name in ("actuated_tendon_indices", "tendon_lower_limits", "tendon_upper_limits"):
         check(name in source, f"ShadowHandDirectEnv sets {name}")
     check(hasattr(BaseArticulation, "fixed_tendon_names"), "articulations name their fixed tendons")
+
+    # the multi-agent tasks: (agents, observation sizes, action sizes, state_space) as docs/mappo.md gives them
+    expected = {"Isaac-Pendulum-MARL-Direct": (["cart", "pendulum"], [4, 3], [1, 1], -1),
+                "Isaac-Shadow-Handover-Direct": (["right_hand", "left_hand"], [157, 157], [20, 20], 290)}  # fmt: skip
+    check(set(expected) == set(MARL_TASKS.values()), f"multi-agent 3.0 ids {sorted(MARL_TASKS.values())}")
+    for id_3x, (agents, obs, act, state) in expected.items():
+        cfg = parse_env_cfg(id_3x, device="cpu", num_envs=16, overrides=["physics=newton_mjwarp"])
+        found = (list(cfg.possible_agents), [cfg.observation_spaces[a] for a in agents],
+                 [cfg.action_spaces[a] for a in agents], cfg.state_space)  # fmt: skip
+        check(found == (agents, obs, act, state) and hasattr(cfg, "compute_final_obs"), f"{id_3x}: {found}")
+    from isaaclab.envs import DirectMARLEnv
+
+    marl = inspect.getsource(DirectMARLEnv)
+    for name in ("def _reset_idx", "def _get_states", "def state", 'self.extras[agent]["final_obs"]'):
+        check(name in marl, f"DirectMARLEnv has {name}")
 
     cfg = parse_env_cfg("Isaac-Velocity-Rough-G1", device="cpu", num_envs=16, overrides=["physics=isaacsim_physx"])
     try:

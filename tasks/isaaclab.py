@@ -69,7 +69,9 @@ __all__ = [
     "IsaacLabEnv",
     "IsaacLabUnavailable",
     "detect_isaaclab",
+    "launch_gym_env",
     "make_isaaclab_env",
+    "wrap_or_close",
 ]
 
 # Isaac Lab 3.0's physics presets of these tasks, chosen with parse_env_cfg(..., overrides=["physics=<name>"]),
@@ -429,6 +431,60 @@ def _make_3x(
     return gym.make(gym_id, cfg=cfg, render_mode="rgb_array" if render else None)
 
 
+def launch_gym_env(
+    name: str, gym_id_of: Callable[[str], str], num_envs: int, seed: int, device: str, physics: str | None,
+    headless: bool, render: bool = False,
+) -> tuple[Any, Callable[[], None]]:
+    """Start Isaac Lab (2.x or 3.0, whichever is installed) and ``gym.make`` the task whose CLI name is `name` and
+    whose gym id under an API version is ``gym_id_of(api)``; returns the gym env and the call that closes the
+    simulation after it. Raises `ValueError` for a bad argument or physics preset, `IsaacLabUnavailable` when
+    Isaac Lab cannot be imported or cannot start the physics (one line each); nothing is left open on a failure."""
+    _check_args(num_envs, seed, device, physics)
+    api = detect_isaaclab()
+    hint = _GET_ISAACLAB.format(task=name)
+    if api is None:
+        raise IsaacLabUnavailable(f"{name} needs Isaac Lab, which is not installed in {sys.executable}: {hint}")
+    if api == "2.x" and physics not in (None, DEFAULT_PHYSICS):
+        raise ValueError(f"physics={physics!r} needs Isaac Lab 3.0; the installed 2.x runs {DEFAULT_PHYSICS} only")
+    gym_id = gym_id_of(api)
+    stack = contextlib.ExitStack()
+    try:
+        if api == "2.x":
+            env = _make_2x(stack, gym_id, num_envs, seed, device, headless, render)
+        else:
+            env = _make_3x(stack, gym_id, num_envs, seed, device, physics or DEFAULT_PHYSICS, headless, render)
+        return env, stack.close
+    except ImportError as exc:
+        stack.close()
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IsaacLabUnavailable(
+            f"{name}: Isaac Lab {api} is installed but failed to import ({first}): {hint}"
+        ) from exc
+    except SystemExit as exc:  # Isaac Lab's kit launcher exits (after logging why) when Isaac Sim is missing
+        stack.close()
+        engine = physics or DEFAULT_PHYSICS
+        raise IsaacLabUnavailable(
+            f"{name}: Isaac Lab {api} could not start physics={engine} (exit status {exc.code}): "
+            f"{'/'.join(NEEDS_ISAAC_SIM)} need Isaac Sim, which is not installed here; "
+            "task.physics=newton_mjwarp runs without it (Isaac Lab 3.0), or " + hint
+        ) from None
+    except BaseException:
+        stack.close()
+        raise
+
+
+def wrap_or_close(wrap: Callable[[Any, Callable[[], None]], Any], env: Any, close: Callable[[], None]) -> Any:
+    """``wrap(env, close)``; a wrapper that cannot be built leaves no gym env or simulation context open."""
+    try:
+        return wrap(env, close)
+    except BaseException:
+        try:
+            env.close()
+        finally:
+            close()
+        raise
+
+
 def make_isaaclab_env(
     name: str,
     num_envs: int,
@@ -444,42 +500,5 @@ def make_isaaclab_env(
     `physics` picks 3.0's engine (default `DEFAULT_PHYSICS`, the paper's PhysX); 2.x has PhysX only. Raises
     `ValueError` for an unknown task or a bad argument, `IsaacLabUnavailable` when Isaac Lab cannot be imported."""
     task = lookup_isaaclab_task(name)
-    _check_args(num_envs, seed, device, physics)
-    api = detect_isaaclab()
-    hint = _GET_ISAACLAB.format(task=task.id_2x)
-    if api is None:
-        raise IsaacLabUnavailable(f"{task.id_2x} needs Isaac Lab, which is not installed in {sys.executable}: {hint}")
-    if api == "2.x" and physics not in (None, DEFAULT_PHYSICS):
-        raise ValueError(f"physics={physics!r} needs Isaac Lab 3.0; the installed 2.x runs {DEFAULT_PHYSICS} only")
-    gym_id = task.gym_id(api)
-    stack = contextlib.ExitStack()
-    try:
-        if api == "2.x":
-            env = _make_2x(stack, gym_id, num_envs, seed, device, headless, render)
-        else:
-            env = _make_3x(stack, gym_id, num_envs, seed, device, physics or DEFAULT_PHYSICS, headless, render)
-    except ImportError as exc:
-        stack.close()
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise IsaacLabUnavailable(
-            f"{task.id_2x}: Isaac Lab {api} is installed but failed to import ({first}): {hint}"
-        ) from exc
-    except SystemExit as exc:  # Isaac Lab's kit launcher exits (after logging why) when Isaac Sim is missing
-        stack.close()
-        engine = physics or DEFAULT_PHYSICS
-        raise IsaacLabUnavailable(
-            f"{task.id_2x}: Isaac Lab {api} could not start physics={engine} (exit status {exc.code}): "
-            f"{'/'.join(NEEDS_ISAAC_SIM)} need Isaac Sim, which is not installed here; "
-            "task.physics=newton_mjwarp runs without it (Isaac Lab 3.0), or " + hint
-        ) from None
-    except BaseException:
-        stack.close()
-        raise
-    try:
-        return IsaacLabEnv(env, task=task.id_2x, close_fn=stack.close)
-    except BaseException:  # a wrapper that cannot be built leaves no gym env or simulation context open
-        try:
-            env.close()
-        finally:
-            stack.close()
-        raise
+    env, close = launch_gym_env(task.id_2x, task.gym_id, num_envs, seed, device, physics, headless, render)
+    return wrap_or_close(lambda e, c: IsaacLabEnv(e, task=task.id_2x, close_fn=c), env, close)

@@ -1,5 +1,5 @@
 """What every multi-agent env family hands `MAPPO` (`fasttd3_lora.loops.mappo`; docs/mappo.md): N envs of M agents
-as torch batches on the CPU.
+as torch batches on the env's ``device`` (the CPU, or Isaac Lab's simulation device).
 
 * ``reset() -> MultiAgentObs`` with ``obs`` (N, M, obs_dim) and the global ``state`` (N, state_dim) the
   centralised critic reads;
@@ -46,16 +46,17 @@ class MultiAgentEnv:
     """The spaces of `num_envs` envs of agents `agent_names` with their own observation sizes and action ranges."""
 
     def __init__(self, task: str, num_envs: int, agent_names: Sequence[str], obs_dims: Sequence[int],
-                 action_low: Sequence[Tensor], action_high: Sequence[Tensor], state_dim: int) -> None:  # fmt: skip
+                 action_low: Sequence[Tensor], action_high: Sequence[Tensor], state_dim: int,
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
         self.task_name, self.num_envs = task, num_envs
+        self.device = torch.device(device)
         self.agent_names = [str(name) for name in agent_names]
         self.num_agents = len(self.agent_names)
         self.obs_dims = [int(d) for d in obs_dims]
-        self.action_low = [torch.as_tensor(low, dtype=torch.float32).reshape(-1) for low in action_low]
-        self.action_high = [torch.as_tensor(high, dtype=torch.float32).reshape(-1) for high in action_high]
+        as_row = lambda x: torch.as_tensor(x, dtype=torch.float32, device=self.device).reshape(-1)  # noqa: E731
+        self.action_low, self.action_high = [as_row(x) for x in action_low], [as_row(x) for x in action_high]
         self.act_dims = [len(low) for low in self.action_low]
         self.obs_dim, self.act_dim, self.state_dim = max(self.obs_dims), max(self.act_dims), int(state_dim)
-        self.device = torch.device("cpu")
         self.batch_size = torch.Size([num_envs])
         # what export and deploy facts read (`fasttd3_lora.envs.env_deploy_facts`): every agent's padded spaces
         n, m = num_envs, self.num_agents
@@ -65,7 +66,7 @@ class MultiAgentEnv:
 
     def pad(self, per_agent: Sequence[Tensor]) -> Tensor:
         """(N, M, obs_dim) from each agent's (N, obs_i), padded with zeros."""
-        out = torch.zeros(self.num_envs, self.num_agents, self.obs_dim)
+        out = torch.zeros(self.num_envs, self.num_agents, self.obs_dim, device=self.device)
         for i, obs in enumerate(per_agent):
             out[:, i, : obs.shape[-1]] = obs
         return out

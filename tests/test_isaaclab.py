@@ -23,6 +23,7 @@ import fasttd3_lora.tasks.isaaclab as isaaclab
 from fasttd3_lora.config import compose_config, group_options
 from fasttd3_lora.envs import env_deploy_facts
 from fasttd3_lora.tasks.isaaclab import IsaacLabEnv, IsaacLabUnavailable, detect_isaaclab, make_isaaclab_env
+from fasttd3_lora.tasks.isaaclab_marl import MARL_TASKS
 from fasttd3_lora.tasks.isaaclab_names import TASKS, list_isaaclab_tasks, lookup_isaaclab_task
 
 import isaaclab_standin as standin
@@ -92,9 +93,11 @@ def test_unrelated_id_lists_the_supported_tasks() -> None:
 
 def test_task_configs_cover_both_ids_and_nothing_else() -> None:
     # `_*.yaml` files are shared pieces the task files include, not options (config.group_options); the other
-    # families' tasks live in their own folders (dmc/, metaworld/, vmas/, mamujoco/)
+    # families' tasks live in their own folders (dmc/, metaworld/, vmas/, mamujoco/); Isaac Lab's multi-agent tasks
+    # sit beside the paper's, under both ids too
     isaac = {o for o in group_options("task") if "/" not in o}
-    assert isaac == {r[0] for r in DESIGN_TABLE} | {r[1] for r in DESIGN_TABLE}
+    marl = set(MARL_TASKS) | set(MARL_TASKS.values())
+    assert isaac == {r[0] for r in DESIGN_TABLE} | {r[1] for r in DESIGN_TABLE} | marl
 
 
 @pytest.mark.parametrize("row", DESIGN_TABLE, ids=[r[0] for r in DESIGN_TABLE])

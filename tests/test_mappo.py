@@ -268,7 +268,7 @@ def test_mappo_learns_to_balance_from_scratch(mode, tmp_path) -> None:
         (["policy.mode=mixed"], "policy.mode='mixed': allowed one of shared, separate, lorasa"),
         (["policy=lorasa", "policy.from=/x", "policy.rank=0"], "policy.rank=0: allowed an integer >= 1"),
         (["algo.value_loss=l1"], "algo.value_loss='l1': allowed one of mse, huber"),
-        (["task=dmc/cartpole-balance"], "task.family=.dmc.: mappo runs vmas and mamujoco tasks only"),
+        (["task=dmc/cartpole-balance"], "task.family=.dmc.: mappo runs vmas, mamujoco and isaaclab_marl tasks only"),
     ],
 )  # fmt: skip
 def test_bad_mappo_values_are_one_line_config_errors(overrides, message) -> None:

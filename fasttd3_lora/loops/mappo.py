@@ -5,7 +5,8 @@ DESIGN §10, docs/mappo.md):
                               from the value of the true final observations), then epochs x minibatches updates;
                               the finished episodes' team returns (the agents' mean) and the update's means are one
                               metrics row
-    every eval_every          deterministic episodes on separate envs: their team return
+    every eval_every          deterministic episodes on separate envs (Isaac Lab: on the training env, after which
+                              the training episodes restart): their team return
     every checkpoint_every    checkpoints/latest.pt at the end of the iteration, then every training episode
                               restarts (exact resume, `fasttd3_lora.loops.kit`)
 
@@ -94,8 +95,8 @@ def team_returns(agent: MAPPO, env: Any, seed: int) -> Tensor:
     """One deterministic episode per eval env; each env's team return (the mean over agents of their returns)."""
     env.set_seed(seed)
     obs = env.reset().obs
-    returns = torch.zeros(env.num_envs)
-    running = torch.ones(env.num_envs, dtype=torch.bool)
+    returns = torch.zeros(env.num_envs, device=env.device)  # on the env's device: Isaac Lab's rewards are CUDA
+    running = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)
     while bool(running.any()):
         out = env.step(agent.act(obs, deterministic=True))
         returns += out.reward.mean(-1) * running
@@ -117,7 +118,9 @@ def run(cfg: DictConfig, mcfg: MAPPOConfig, run_dir: str | Path, overrides: Sequ
     with ExitStack() as stack:
         env, eval_env = make_envs(EnvRequest.of_run(cfg, num_envs, mcfg.action_repeat, cfg.seed, cfg.device))
         stack.callback(env.close)
-        stack.callback(eval_env.close)
+        shares_env = eval_env is env  # Isaac Lab: one env per process
+        if not shares_env:
+            stack.callback(eval_env.close)
         agent = build(mcfg, env, device, generator)
         counters = Counters() if resume is None else restore_on_policy(resume, agent, generator)
         record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None)
@@ -134,7 +137,7 @@ def run(cfg: DictConfig, mcfg: MAPPOConfig, run_dir: str | Path, overrides: Sequ
             checkpoint()
         env.set_seed(episode_seed(cfg.seed, counters.env_step, stream=0))
         obs, state = env.reset()
-        team_return = torch.zeros(num_envs)
+        team_return = torch.zeros(num_envs, device=env.device)
         metrics = UpdateMetrics()
         row_step, row_time = counters.env_step, time.monotonic()
         with reported_stops(record.guard(agent)):
@@ -153,7 +156,8 @@ def run(cfg: DictConfig, mcfg: MAPPOConfig, run_dir: str | Path, overrides: Sequ
                     team_return[done] = 0.0
                     obs, state = result.obs, result.state
                 end, evaluation, checkpoint_due = advance(counters, env_steps_per_iteration, cfg)
-                restart = checkpoint_due and not end
+                # Episodes restart after a checkpoint (exact resume), and on Isaac Lab after an evaluation.
+                restart = (checkpoint_due or (evaluation and shares_env)) and not end
 
                 rollout = torch.stack(steps)  # (T, N)
                 if restart:  # a time-out for every episode: it bootstraps
