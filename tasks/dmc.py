@@ -23,6 +23,10 @@ Stepping runs in forked worker processes (`vector_workers.ProcessPool`; each ste
 envs with numpy and sends back one buffer per step; workers never render, so no GL/EGL context is needed), or in
 this process when ``num_workers=0`` (the default for one env). Close with `close()` or a ``with`` block;
 workers never outlive the parent (see `vector_workers`).
+
+With ``backend="dm_control"`` the running episodes can be saved and continued exactly (`snapshot` /
+`restore_episodes`; `fasttd3_lora.tasks.dmc_slice` says what an episode's state is), so a training run's
+checkpoint cuts none of them (`can_snapshot`). EnvPool's envs cannot be saved.
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import pickle
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from tensordict import TensorDict
 
 from fasttd3_lora.tasks.dmc_families import ALL_TASKS
 from fasttd3_lora.tasks.dmc_slice import DMCSlice, slice_bounds
@@ -41,7 +48,7 @@ from fasttd3_lora.tasks.pooled_env import MAX_SEED, PooledEnv, check_int
 from fasttd3_lora.tasks.vector_workers import LocalPool, ProcessPool
 
 PREFIX = "dmc/"
-_METHODS = ("step", "reset", "seed", "render")
+_METHODS = ("step", "reset", "seed", "render", "snapshot", "restore")
 
 
 BACKENDS = ("dm_control", "envpool")
@@ -129,6 +136,46 @@ class DMCEnv(PooledEnv):
             self._attach(LocalPool(factories, methods=_METHODS, name=self.task_name), bounds)
         else:
             self._attach(ProcessPool(factories, methods=_METHODS, name=self.task_name, timeout_s=timeout_s), bounds)
+
+    @property
+    def can_snapshot(self) -> bool:
+        """Whether `snapshot` / `restore_episodes` work: dm_control's envs, not EnvPool's."""
+        return self.backend == "dm_control"
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every env's running episode as tensors and numbers (a checkpoint holds it; ``weights_only`` loads it):
+        ``{"tasks": [task of each env], "envs": [one dict per env]}``. Take it between steps, after the finished
+        envs were reset (`step_and_maybe_reset`)."""
+        if not self.can_snapshot:
+            raise ValueError(f"{self.task_name}: backend={self.backend} cannot save its envs' episodes")
+        if self._needs_reset.any():
+            raise RuntimeError(f"{self.task_name}: envs {np.flatnonzero(self._needs_reset).tolist()} wait for a reset; "
+                               "snapshot between steps, after step_and_maybe_reset")  # fmt: skip
+        replies = self._pool.call("snapshot", [b""] * len(self._bounds))
+        envs = [state for reply in replies for state in pickle.loads(reply)]  # from our own workers
+        as_tensor = lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v  # noqa: E731
+        return {"tasks": self._env_tasks(),
+                "envs": [{k: ({n: as_tensor(a) for n, a in v.items()} if isinstance(v, dict) else as_tensor(v))
+                          for k, v in state.items()} for state in envs]}  # fmt: skip
+
+    def restore_episodes(self, saved: dict[str, Any]) -> TensorDict:
+        """Continue the episodes of `snapshot` (from an env of the same tasks and size); returns the current
+        observations as `reset` does. A snapshot of other envs raises `ValueError` in one line."""
+        if saved.get("tasks") != self._env_tasks():
+            theirs = saved.get("tasks") or []
+            raise ValueError(f"{self.task_name}: the saved episodes are of {len(theirs)} envs of "
+                             f"{sorted(set(theirs))}, this env has {self.num_envs} of {list(self.task_names)}")  # fmt: skip
+        as_numpy = lambda v: v.numpy() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        envs = [{k: ({n: as_numpy(a) for n, a in v.items()} if isinstance(v, dict) else as_numpy(v))
+                 for k, v in state.items()} for state in saved["envs"]]  # fmt: skip
+        replies = self._pool.call("restore", [pickle.dumps(envs[lo:hi]) for lo, hi in self._bounds])
+        obs, _, terminated, truncated = self._gather(replies)
+        self._needs_reset[:] = False
+        return self._output(observation=obs, done=terminated | truncated, terminated=terminated, truncated=truncated)
+
+    def _env_tasks(self) -> list[str]:
+        per_task = self.num_envs // len(self.task_names)
+        return [self.task_names[i // per_task] for i in range(self.num_envs)]
 
     def render_frame(self, env_index: int = 0, height: int = 240, width: int = 320, camera_id: int = 0) -> np.ndarray:
         """A (height, width, 3) uint8 RGB frame of env `env_index` (videos, `fasttd3_lora.play`). Rendering needs

@@ -10,20 +10,33 @@ Sending that one buffer over a pipe is the whole per-step message of a worker.
 Observations are flattened in the order of the task's own ``observation_spec()`` (the order dm_control's
 ``flat_observation`` uses); ``observation_layout`` lists it as ``[(key, shape)]``. Episode length is counted in
 control steps (simulator steps of the dm_control ``Environment``), before action repeat.
+
+Snapshots (`snapshot` / `restore`: a run's checkpoint keeps its running episodes, so none is cut). An env's
+episode is: MuJoCo's integration state (``mj_getState(..., mjSTATE_INTEGRATION)``: time, qpos, qvel, act, the
+solver's warm start, controls, applied forces, mocap), the model arrays its task changed at the episode's start
+(reacher's and fish's targets, finger's damping, stacker's blocks, ...: every array that differs from the model as
+loaded), the task's random generator, and the step counters. Restoring sets them into a freshly loaded env and
+runs ``mj_step1`` (what dm_control runs after each step, so the position- and velocity-derived quantities are
+current); every suite task but LQR (unstable under random actions) and quadruped-escape (needs OpenGL) was
+checked to continue bit for bit (tests/test_dmc_env.py checks a sample).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
+import mujoco
 import numpy as np
 
 from fasttd3_lora.tasks.dmc_families import load
 
 # Offsets of the result buffer are multiples of 4 bytes before the bool columns, so float32 views are aligned.
 _F32 = np.dtype(np.float32).itemsize
+_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads that is not derived or in the model
 
 
 def result_nbytes(num_envs: int, obs_dim: int) -> int:
@@ -96,6 +109,10 @@ class DMCSlice:
         self._buf = bytearray(result_nbytes(num_envs, offset))
         self._obs, self._reward, self._terminated, self._truncated = result_views(self._buf, num_envs, offset)
         self._steps = np.zeros(num_envs, dtype=np.int64)
+        # the models as loaded: a snapshot keeps the arrays a task changed since (`snapshot`)
+        self._pristine = [copy.copy(env.physics.model.ptr) for env in self._envs]
+        self._model_arrays = [name for name in dir(self._pristine[0])
+                              if not name.startswith("_") and isinstance(getattr(self._pristine[0], name), np.ndarray)]  # fmt: skip
 
     def info(self) -> dict[str, Any]:
         """What the parent needs to build specs and attributes (sent once, pickled)."""
@@ -159,6 +176,48 @@ class DMCSlice:
         index, height, width, camera = (int(v) for v in np.frombuffer(payload, dtype=np.int64))
         frame = self._envs[index].physics.render(height=height, width=width, camera_id=camera)
         return memoryview(np.ascontiguousarray(frame, dtype=np.uint8)).cast("B")
+
+    def snapshot(self, payload: Any) -> bytes:
+        """Every env's running episode (module docstring) as a pickled list of dicts of numpy arrays and numbers,
+        for the parent (`DMCEnv.snapshot`), which turns them into tensors."""
+        states = []
+        for env, pristine, steps in zip(self._envs, self._pristine, self._steps, strict=True):
+            model, data = env.physics.model.ptr, env.physics.data.ptr
+            integration = np.empty(mujoco.mj_stateSize(model, _STATE))
+            mujoco.mj_getState(model, data, integration, _STATE)
+            changed = {}
+            for name in self._model_arrays:
+                now, loaded = getattr(model, name), getattr(pristine, name)
+                if not np.array_equal(now, loaded, equal_nan=now.dtype.kind in "fc"):
+                    changed[name] = now.copy()
+            _, keys, pos, has_gauss, cached_gaussian = env.task.random.get_state()
+            states.append({"integration": integration, "model": changed, "rng_keys": keys.astype(np.int64),
+                           "rng": np.array([pos, has_gauss], dtype=np.int64), "rng_gaussian": float(cached_gaussian),
+                           "step_count": int(env._step_count), "steps": int(steps)})  # fmt: skip
+        return pickle.dumps(states)
+
+    def restore(self, payload: Any) -> memoryview:
+        """Set every env to its saved episode (a pickled list from `snapshot`, one entry per env of this slice);
+        the buffer then holds their current observations, with cleared rewards and flags."""
+        states = pickle.loads(payload)  # pickled by DMCEnv from a checkpoint's tensors (loaded weights_only)
+        if len(states) != len(self._envs):
+            raise ValueError(f"restore: {len(states)} saved envs for a slice of {len(self._envs)}")
+        for i, (env, pristine, state) in enumerate(zip(self._envs, self._pristine, states, strict=True)):
+            model, data = env.physics.model.ptr, env.physics.data.ptr
+            for name in self._model_arrays:  # the loaded model, then what the saved episode changed in it
+                getattr(model, name)[...] = state["model"].get(name, getattr(pristine, name))
+            mujoco.mj_setState(model, data, np.ascontiguousarray(state["integration"], dtype=np.float64), _STATE)
+            mujoco.mj_step1(model, data)  # derived quantities, as after dm_control's own step
+            pos, has_gauss = (int(v) for v in state["rng"])
+            env.task.random.set_state(("MT19937", state["rng_keys"].astype(np.uint32), pos, has_gauss,
+                                       state["rng_gaussian"]))  # fmt: skip
+            env._step_count, env._reset_next_step = state["step_count"], False
+            self._steps[i] = state["steps"]
+            self._write_obs(i, env.task.get_observation(env.physics))
+        self._reward[:] = 0.0
+        self._terminated[:] = False
+        self._truncated[:] = False
+        return memoryview(self._buf)
 
     def seed(self, payload: Any) -> memoryview:
         """Re-seed env i's task RNG with ``(seed + i // group_size) mod 2**32``; it takes effect at each env's next

@@ -502,3 +502,65 @@ def test_envpool_backend_refuses_our_task_families_in_one_line():
     pytest.importorskip("envpool")
     with pytest.raises(ValueError, match=r"^backend=envpool: dmc/walker-speed_3 is one of this package's task families"):
         DMCEnv("dmc/walker-speed_3", 2, backend="envpool")
+
+
+# ------------------------------------------------------------------------------ saved and continued episodes
+
+
+def _steps(env: DMCEnv, td: TensorDict, actions: list[torch.Tensor]) -> tuple[TensorDict, list[TensorDict]]:
+    """Step through `actions` (auto-resetting); the `next` entries of every step."""
+    seen = []
+    for action in actions:
+        td, following = env.step_and_maybe_reset(td.set("action", action))
+        seen.append(td["next"].clone())
+        td = following
+    return td, seen
+
+
+@pytest.mark.parametrize(
+    ("task", "workers", "restoring_workers"),
+    [
+        ("dmc/reacher-hard", 2, 0),  # the target lives in the model (geom_pos, geom_size)
+        ("dmc/finger-spin", 0, 2),  # the task sets dof_damping at each episode's start
+        ("dmc/cheetah-run", 2, 2),
+    ],
+)
+def test_saved_episodes_continue_bit_for_bit_in_fresh_envs(tmp_path, task, workers, restoring_workers) -> None:
+    """Through a weights_only checkpoint, into envs of another seed that ran other episodes, with another number
+    of worker processes: the same observations, rewards and episode ends, past the episodes' ends (6 envs x
+    20-step episodes, saved at step 13, continued for 40)."""
+    from fasttd3_lora.checkpoint import load_checkpoint, save_checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    first = DMCEnv(task, 6, seed=3, num_workers=workers, max_episode_steps=20)
+    actions = [torch.rand(6, first.action_spec.shape[-1], generator=gen) * 2 - 1 for _ in range(53)]
+    td, _ = _steps(first, first.reset(), actions[:13])
+    save_checkpoint(tmp_path / "c.pt", {"episodes": first.snapshot()})
+    _, expected = _steps(first, td.clone(), actions[13:])
+    first.close()
+
+    second = DMCEnv(task, 6, seed=11, num_workers=restoring_workers, max_episode_steps=20)
+    _steps(second, second.reset(), actions[:7])
+    td2 = second.restore_episodes(load_checkpoint(tmp_path / "c.pt")["episodes"])
+    assert torch.equal(td2["observation"], td["observation"])
+    _, seen = _steps(second, td2, actions[13:])
+    second.close()
+    for a, b in zip(expected, seen, strict=True):
+        for key in ("observation", "reward", "terminated", "truncated"):
+            assert torch.equal(a[key], b[key]), key
+    assert sum(int(s["truncated"].sum()) for s in seen) == 6 * 2  # two time limits of every env were crossed
+
+
+def test_saved_episodes_of_other_envs_are_refused_in_one_line() -> None:
+    with DMCEnv("dmc/cartpole-balance", 2, seed=0) as env:
+        env.reset()
+        saved = env.snapshot()
+    with DMCEnv("dmc/cartpole-swingup", 2, seed=0) as other, pytest.raises(ValueError) as err:
+        other.reset()
+        other.restore_episodes(saved)
+    assert str(err.value) == ("dmc/cartpole-swingup: the saved episodes are of 2 envs of ['dmc/cartpole-balance'], "
+                              "this env has 2 of ['dmc/cartpole-swingup']")  # fmt: skip
+    with DMCEnv("dmc/cartpole-balance", 2, seed=0, backend="envpool") as pooled:
+        assert not pooled.can_snapshot
+        with pytest.raises(ValueError, match="backend=envpool cannot save its envs' episodes"):
+            pooled.snapshot()

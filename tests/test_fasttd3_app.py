@@ -24,11 +24,12 @@ import isaaclab_standin as standin
 from tiny_runs import SMALL_NETS, Crash, crash_at
 
 
-# 4 DMC envs, 25-step episodes: 4 env steps per agent step, 50 agent steps, updates after the first 10.
+# 4 DMC envs, 30-step episodes (checkpoints every 100 env steps fall inside them): 4 env steps per agent step,
+# 50 agent steps, updates after the first 10.
 DMC_TINY = [
     "algo=fasttd3",
     "task=dmc/cartpole-swingup",
-    "task.max_episode_steps=25",
+    "task.max_episode_steps=30",
     "algo.action_repeat=1",
     "algo.num_envs=4",
     "algo.batch_size=32",
@@ -79,7 +80,8 @@ def test_dmc_run_trains_evaluates_checkpoints_and_exports(dmc_run, tmp_path: Pat
     evals = [r.split(",")[0] for r in rows if r.split(",")[columns.index("eval_return")]]
     assert evals == ["100", "200"]
     episodes = [r.split(",")[0] for r in rows if r.split(",")[columns.index("episode_return")]]
-    assert episodes == ["100", "200"]  # 25-step episodes in lockstep: 25 agent steps x 4 envs each
+    # 30-step episodes in lockstep end at 30 agent steps x 4 envs; the checkpoint at 100 cut none of them
+    assert episodes == ["120"]
 
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert state["meta"]["config"]["algo"]["name"] == "fasttd3"

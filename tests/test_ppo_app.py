@@ -29,9 +29,10 @@ from tiny_runs import assert_same_agent, crash_and_resume, train_one_thread
 
 ort = pytest.importorskip("onnxruntime")
 
-# 4 envs, 20-step episodes, rollouts of 10 steps: 40 env steps per iteration, 4 iterations.
+# 4 envs, 15-step episodes, rollouts of 10 steps: 40 env steps per iteration, 4 iterations (checkpoints every 2
+# fall inside episodes).
 TINY = [
-    "algo=ppo", "task=dmc/cartpole-balance", "task.max_episode_steps=20", "algo.action_repeat=1",
+    "algo=ppo", "task=dmc/cartpole-balance", "task.max_episode_steps=15", "algo.action_repeat=1",
     "algo.num_envs=4", "algo.num_steps=10", "algo.num_epochs=2", "algo.num_minibatches=2",
     "algo.actor_hidden_dims=[16,16]", "algo.critic_hidden_dims=[16]", "total_env_steps=160", "eval_every=80",
     "checkpoint_every=80", "eval_episodes=2", "precision=fp32",
@@ -57,7 +58,9 @@ def test_ppo_run_trains_evaluates_checkpoints_and_exports(base_run, tmp_path) ->
     evals = [r[0] for r in rows if r[columns.index("eval_return")]]
     assert evals == ["80", "160"]
     episodes = [r[0] for r in rows if r[columns.index("episode_return")]]
-    assert episodes == ["80", "160"]  # 20-step episodes of 4 envs end every other 40-step rollout
+    # 15-step episodes of 4 envs end at env steps 60 and 120 (the rollouts ending at 80 and 120); the checkpoint
+    # at 80 cut none (restarted there, they would end at 140: the row of 160)
+    assert episodes == ["80", "120"]
     state = load_checkpoint(run_dir / "checkpoints" / "latest.pt")
     assert counters.env_step == 160 and state["meta"]["counters"]["agent_step"] == 4  # one agent step per iteration
     assert state["agent"]["num_updates"] == 4 * 2 * 2  # iterations x epochs x minibatches

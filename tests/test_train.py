@@ -119,6 +119,33 @@ def test_interrupted_and_resumed_run_ends_bit_identical(tmp_path: Path, monkeypa
     assert [{k: v for k, v in r.items() if k not in skip} for r in rows(tmp_path / "broken")] == same
 
 
+def test_checkpoints_inside_episodes_cut_none_and_resume_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dm_control envs keep their running episodes in the checkpoint: with checkpoints every 70 steps of 50-step
+    episodes the only time-outs stored are the 6 episode ends, and a run killed past its checkpoint at 210
+    (mid-episode) resumes to the same agent, buffer and metrics (tests/test_dmc_env.py checks the envs alone)."""
+    short = [*TINY, "checkpoint_every=70"]
+    whole = train(compose_config(short), tmp_path / "whole", short)
+    latest = load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
+    assert int(latest["replay"]["storage"]["truncated"].sum()) == 300 // 50
+    crash_at(monkeypatch, 250)
+    with pytest.raises(Crash):
+        train(compose_config(short), tmp_path / "broken", short)
+    saved = load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")
+    assert saved["meta"]["counters"]["env_step"] == 210 and saved["in_progress"]["env"]["envs"][0]["steps"] == 10
+    assert float(saved["in_progress"]["returns"][0]) != 0.0  # the return so far of the episode in progress
+    monkeypatch.undo()
+    resumed = train(compose_config([*short, f"resume={tmp_path / 'broken'}"]), tmp_path / "broken", short)
+    assert (resumed.env_step, resumed.last_eval_return) == (whole.env_step, whole.last_eval_return)
+    a, b = agent_tensors(tmp_path / "whole" / "checkpoints" / "latest.pt"), agent_tensors(
+        tmp_path / "broken" / "checkpoints" / "latest.pt"
+    )
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    skip = {"wall_time", "sps"}
+    same = [{k: v for k, v in r.items() if k not in skip} for r in rows(tmp_path / "whole")]
+    assert [{k: v for k, v in r.items() if k not in skip} for r in rows(tmp_path / "broken")] == same
+    assert sum(1 for r in same if r["episode_return"]) == 300 // 50  # every episode reported, none cut
+
+
 def test_a_run_killed_before_its_first_periodic_checkpoint_resumes_without_duplicate_rows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,7 +6,8 @@
                               updates (the actor every policy_frequency-th); a non-finite loss or Q stops the run
     every eval_every          deterministic episodes (DMC: separate envs; Isaac Lab: the training env, after
                               which the training episodes restart)
-    every checkpoint_every    checkpoints/latest.pt, then every training episode restarts
+    every checkpoint_every    checkpoints/latest.pt with the running episodes (dm_control, one process), or,
+                              where the envs cannot save them, after which every training episode restarts
 
 Run directory, metrics, evaluation, checkpoints, exact resume and the non-finite guard come from the loop kit
 (`fasttd3_lora.loops.kit`), as the SAC loop's do. Under torchrun (`fasttd3_lora.distributed`) every rank runs
@@ -36,10 +37,13 @@ from fasttd3_lora.loops.kit import (
     RunRecord,
     UpdateMetrics,
     advance,
+    continue_episodes,
     episode_seed,
     load_resume,
     reported_stops,
     restore,
+    in_progress,
+    saves_episodes,
     seed_everything,
     start_episodes,
 )
@@ -117,28 +121,35 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
                                              fcfg.learning_starts)  # fmt: skip
         record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None,
                            learning_from=updates_from * env_steps_per_agent_step, lead=lead)  # fmt: skip
+        saved_progress = None if resume is None else resume.get("in_progress")
         del resume
         record.announce(f"{cfg.task.name}, fasttd3 with a {cfg.critic.kind} critic, {num_envs} envs x {world} "
                         "process(es)")  # fmt: skip
-        # DMC episodes last max_episode_steps env steps in every env at once; a checkpoint restarts them all.
+        keeps_episodes = saves_episodes(env, world)
+        # DMC episodes last max_episode_steps env steps in every env at once; a checkpoint that cannot keep them
+        # (EnvPool, several processes) restarts them all.
         episode_round = num_envs * world * cfg.task.max_episode_steps
-        if cfg.task.family == "dmc" and cfg.checkpoint_every % episode_round:
+        if cfg.task.family == "dmc" and not keeps_episodes and cfg.checkpoint_every % episode_round:
             record.progress.write(f"note: checkpoint_every={cfg.checkpoint_every} cuts training episodes short "
                                   f"(each checkpoint restarts them); a multiple of {episode_round} (envs x episode) "
                                   "does not")  # fmt: skip
 
         def checkpoint(keep_copy: bool = False) -> None:
             keep = replay if cfg.save_buffer and world == 1 else None
-            state = record.checkpoint(agent, keep, generator, env_facts, keep_copy=keep_copy)
+            progress = None
+            if counters.env_step:
+                progress = in_progress(env, keeps_episodes, episode_return, critic_metrics, actor_metrics)
+            state = record.checkpoint(agent, keep, generator, env_facts, keep_copy=keep_copy, progress=progress)
             # Every rank continues from what was saved, as a resumed run does (fasttd3_lora.loops.kit explains
             # why): the replicas stay identical.
             agent.load_state_dict(state["agent"])
 
-        if counters.env_step == 0:
-            checkpoint()  # the guard's last finite state exists from the start
-        current = _observations(start_episodes(env, seed, counters.env_step))
         episode_return = torch.zeros(num_envs, device=env.device)
         critic_metrics, actor_metrics = UpdateMetrics(), UpdateMetrics()
+        if counters.env_step == 0:
+            checkpoint()  # the guard's last finite state exists from the start
+        current = _observations(continue_episodes(env, saved_progress, seed, counters.env_step, episode_return,
+                                                  critic_metrics, actor_metrics))  # fmt: skip
         row_step, row_time = counters.env_step, time.monotonic()
         with reported_stops(record.guard(agent)):
             while counters.env_step < cfg.total_env_steps:
@@ -148,8 +159,9 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
                 td.set("action", action.to(env.device))
                 td, next_td = env.step_and_maybe_reset(td)
                 end, evaluation, checkpoint_due = advance(counters, env_steps_per_agent_step, cfg)
-                # Episodes restart after a checkpoint (exact resume), and on Isaac Lab after rank 0's evaluation.
-                restart = checkpoint_due or (evaluation and shares_env and lead)
+                # Episodes restart after a checkpoint that cannot keep them (exact resume), and on Isaac Lab after
+                # rank 0's evaluation.
+                restart = (checkpoint_due and not keeps_episodes) or (evaluation and shares_env and lead)
 
                 # 2. store: ("next", obs) is the true final observation where the env gives one; a restart ends
                 # every episode as a time-out (it bootstraps)

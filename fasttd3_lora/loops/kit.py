@@ -6,10 +6,14 @@
 * the run directory (`RunRecord`: config.yaml, metrics.csv / TensorBoard / wandb, the progress display, wall
   time, checkpoints) and resuming from a checkpoint (`load_resume`, `restore`).
 
-Exact resume. The envs' simulator state is not saved: instead every checkpoint ends all training episodes (the
-last transition is stored as a time-out, which bootstraps) and the next ones start from `reset` with seeds
-derived from (seed, env_step). An uninterrupted run does the same at the same steps, so a run resumed from a
-checkpoint continues bit-identically (on the same device and thread count).
+Exact resume. Every checkpoint holds what is in progress (`in_progress`): the update metrics of the unfinished
+log row and, where the training envs can save their running episodes (DMC with ``backend=dm_control`` in one
+process: `saves_episodes`), those episodes with each env's return so far; a resumed run continues them
+(`continue_episodes`), and no episode is cut. Elsewhere (EnvPool, Meta-World, Isaac Lab,
+the multi-agent families, several processes) the simulator state is not saved: every checkpoint ends all training
+episodes (the last transition is stored as a time-out, which bootstraps) and the next ones start from `reset`
+with seeds derived from (seed, env_step). An uninterrupted run does the same at the same steps, so either way a
+run resumed from a checkpoint continues bit-identically (on the same device and thread count).
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ __all__ = [
     "advance",
     "seed_everything",
     "start_episodes",
+    "saves_episodes",
+    "in_progress",
+    "continue_episodes",
     "episode_returns",
     "evaluate",
     "UpdateMetrics",
@@ -146,6 +153,36 @@ def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
     return td
 
 
+def saves_episodes(env: Any, world_size: int = 1) -> bool:
+    """Whether this run's checkpoints keep the training envs' running episodes (module docstring): envs that can
+    snapshot them (`fasttd3_lora.tasks.dmc.DMCEnv` on dm_control), in a one-process run (a checkpoint holds one
+    process's envs)."""
+    return world_size == 1 and bool(getattr(env, "can_snapshot", False))
+
+
+def in_progress(env: Any, keeps_episodes: bool, returns: Tensor, *rows: UpdateMetrics) -> dict[str, Any]:
+    """What a checkpoint keeps of the work in progress: the sums of the unfinished log rows (`rows`) and, with
+    `keeps_episodes` (`saves_episodes`), the training envs' running episodes and each env's return so far."""
+    return {"rows": [row.state_dict() for row in rows],
+            "env": env.snapshot() if keeps_episodes else None,
+            "returns": returns.detach().clone() if keeps_episodes else None}  # fmt: skip
+
+
+def continue_episodes(env: Any, saved: dict[str, Any] | None, seed: int, env_step: int, returns: Tensor,
+                      *rows: UpdateMetrics) -> TensorDict:  # fmt: skip
+    """The training envs' observations to go on from at `env_step`, after `in_progress` state `saved` (None for a
+    new run) went back into `returns` and `rows`: the running episodes it saved, or else new ones
+    (`start_episodes`)."""
+    if saved is None:
+        return start_episodes(env, seed, env_step)
+    for row, state in zip(rows, saved["rows"], strict=True):
+        row.load_state_dict(state)
+    if saved["env"] is None or not saves_episodes(env):
+        return start_episodes(env, seed, env_step)
+    returns.copy_(saved["returns"])
+    return env.restore_episodes(saved["env"])
+
+
 @torch.no_grad()
 def episode_returns(
     agent: Agent, env: EnvBase, seed: int, frames: list[np.ndarray] | None = None,
@@ -216,6 +253,14 @@ class UpdateMetrics:
         self.total, self.count = None, 0
         return means
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far (a checkpoint between rows keeps them: the resumed row averages the same updates)."""
+        return {"keys": list(self.keys), "total": None if self.total is None else self.total.clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.keys, self.count = list(state["keys"]), int(state["count"])
+        self.total = None if state["total"] is None else state["total"].clone()
+
 
 def checkpoint_state(
     cfg: dict[str, Any],
@@ -226,10 +271,12 @@ def checkpoint_state(
     generator: torch.Generator,
     env_facts: dict[str, Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything an exact resume needs, as plain containers and tensors (docs/training.md, "Checkpoints");
     `env_facts` (`export.env_deploy_facts` of the training env) lets export run without rebuilding the env;
-    `extra_meta` is what else a loop records (GRPO: its source run's config)."""
+    `extra_meta` is what else a loop records (GRPO: its source run's config); `progress` the work in progress
+    (`in_progress`)."""
     agent_state = agent.state_dict()
     bad = find_nonfinite(agent_state)
     if bad is not None:
@@ -243,6 +290,7 @@ def checkpoint_state(
         "agent": agent_state,
         "replay": None if replay is None else replay.state_dict(),
         "rng": capture_rng(generator),
+        "in_progress": progress,
     }
 
 
@@ -424,11 +472,13 @@ class RunRecord:
         env_facts: dict[str, Any] | None,
         *,
         keep_copy: bool = False,
+        progress: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write checkpoints/latest.pt (lead only; also `step_<env_step>.pt` with `keep_copy`); returns the state."""
+        """Write checkpoints/latest.pt (lead only; also `step_<env_step>.pt` with `keep_copy`); returns the state.
+        `progress`: the work in progress (`in_progress`)."""
         self.counters.wall_time = self.wall_time()
         state = checkpoint_state(self.resolved, self.overrides, self.counters, agent, replay, generator, env_facts,
-                                 self.extra_meta)  # fmt: skip
+                                 self.extra_meta, progress)  # fmt: skip
         if self.lead:
             save_checkpoint(self.ckpt_dir / LATEST, state)
             if keep_copy:

@@ -5,9 +5,10 @@
                               finished episodes' returns and the update's means are one metrics row
     every eval_every          deterministic episodes (DMC: separate envs, per task for a library run; Isaac
                               Lab: the training env, after which the training episodes restart)
-    every checkpoint_every    checkpoints/latest.pt at the end of the iteration, then every training episode
-                              restarts: the rollout's last step is a time-out (it bootstraps), as in the other
-                              loops (exact resume, `fasttd3_lora.loops.kit`)
+    every checkpoint_every    checkpoints/latest.pt at the end of the iteration with the running episodes
+                              (dm_control), or, where the envs cannot save them, after which every training
+                              episode restarts: the rollout's last step is a time-out (it bootstraps), as in the
+                              other loops (exact resume either way, `fasttd3_lora.loops.kit`)
 
 A policy library run (`library.path`) builds the policy from the library's base with one LoRA adapter per task
 (`library.tasks`; the envs split evenly among them, each row of a batch using its env's adapter) or, with
@@ -45,10 +46,13 @@ from fasttd3_lora.loops.kit import (
     RunRecord,
     UpdateMetrics,
     advance,
+    continue_episodes,
     episode_seed,
     load_resume,
     reported_stops,
     restore_on_policy,
+    in_progress,
+    saves_episodes,
     seed_everything,
     start_episodes,
 )
@@ -118,6 +122,7 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
         env_facts = env_deploy_facts(env)
         counters = Counters() if resume is None else restore_on_policy(resume, agent, generator)
         record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None)
+        saved_progress = None if resume is None else resume.get("in_progress")
         del resume
         tasks = pcfg.library_tasks or (str(cfg.task.name),)
         learner = "" if library is None else (
@@ -125,15 +130,18 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
             f" for {len(tasks)} task(s), {agent.policy_trainable_numel():,} trainable policy numbers)")  # fmt: skip
         record.announce(f"{','.join(tasks)}, ppo{learner}, {num_envs} envs")
 
-        def checkpoint(keep_copy: bool = False) -> None:
-            record.checkpoint(agent, None, generator, env_facts, keep_copy=keep_copy)
+        keeps_episodes = saves_episodes(env)
 
+        def checkpoint(keep_copy: bool = False) -> None:  # between iterations: no metrics are pending
+            progress = in_progress(env, keeps_episodes, episode_return) if counters.env_step else None
+            record.checkpoint(agent, None, generator, env_facts, keep_copy=keep_copy, progress=progress)
+
+        episode_return = torch.zeros(num_envs, device=env.device)
         if counters.env_step == 0:
             checkpoint()  # the guard's last finite state exists from the start
         task_ids = getattr(env, "task_ids", None)
         task = None if task_ids is None else task_ids.to(device)
-        obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
-        episode_return = torch.zeros(num_envs, device=env.device)
+        obs = continue_episodes(env, saved_progress, cfg.seed, counters.env_step, episode_return)["observation"]
         metrics = UpdateMetrics()
         row_step, row_time = counters.env_step, time.monotonic()
         last_eval: dict[str, float] = {}
@@ -162,8 +170,10 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
                     episode_return[done] = 0.0
                     obs = next_td["observation"]
                 end, evaluation, checkpoint_due = advance(counters, env_steps_per_iteration, cfg)
-                # Episodes restart after a checkpoint (exact resume), and on Isaac Lab after an evaluation.
-                restart = (checkpoint_due or (evaluation and shares_env)) and not end
+                # Episodes restart after a checkpoint that cannot keep them (exact resume), and on Isaac Lab after
+                # an evaluation.
+                cut = checkpoint_due and not keeps_episodes
+                restart = (cut or (evaluation and shares_env)) and not end
 
                 # 2. advantages (a restart ends every episode as a time-out: it bootstraps), then the update
                 rollout = torch.stack(steps)  # (T, N)

@@ -3,11 +3,11 @@
     every agent step          act (uniformly random before learning_starts), step the envs, store the transition,
                               then updates_per_step agent updates; a non-finite loss or Q stops the run (exit 3)
     every eval_every steps    eval_episodes deterministic episodes on separate envs
-    every checkpoint_every    checkpoints/latest.pt, then every training episode restarts (exact resume,
-                              `fasttd3_lora.loops.kit`)
+    every checkpoint_every    checkpoints/latest.pt with the running episodes (dm_control), or, where the envs
+                              cannot save them (EnvPool), after which every training episode restarts (exact
+                              resume either way, `fasttd3_lora.loops.kit`)
 
-With the defaults the checkpoint interval is a multiple of DMC's 1000-step episodes, so no episode is actually
-cut short. Steps are simulator steps (`env_step`, DESIGN §5) unless named agent steps: one agent step is
+Steps are simulator steps (`env_step`, DESIGN §5) unless named agent steps: one agent step is
 num_envs x action_repeat env steps.
 """
 
@@ -29,10 +29,13 @@ from fasttd3_lora.loops.kit import (
     RunRecord,
     UpdateMetrics,
     advance,
+    continue_episodes,
     episode_seed,
     load_resume,
     reported_stops,
     restore,
+    in_progress,
+    saves_episodes,
     seed_everything,
     start_episodes,
 )
@@ -74,18 +77,22 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
             counters, updates_from = restore(resume, agent, replay, generator, algo.learning_starts)
         record = RunRecord(stack, cfg, resolved, run_dir, overrides, counters, resumed=resume is not None,
                            learning_from=updates_from * env_steps_per_agent_step)  # fmt: skip
+        saved_progress = None if resume is None else resume.get("in_progress")
         del resume  # the buffer now lives in `replay`: free the loaded copy
         record.announce(f"{cfg.task.name}, sac with a {cfg.critic.kind} critic")
+        keeps_episodes = saves_episodes(env)
+
+        num_envs = algo.num_envs
+        episode_return, metrics = torch.zeros(num_envs), UpdateMetrics()
 
         def checkpoint(keep_copy: bool = False) -> None:
-            record.checkpoint(agent, replay if cfg.save_buffer else None, generator, env_facts, keep_copy=keep_copy)
+            progress = in_progress(env, keeps_episodes, episode_return, metrics) if counters.env_step else None
+            record.checkpoint(agent, replay if cfg.save_buffer else None, generator, env_facts, keep_copy=keep_copy,
+                              progress=progress)  # fmt: skip
 
         if counters.env_step == 0:
             checkpoint()  # the guard's last finite state exists from the start
-        num_envs = algo.num_envs
-        obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
-        episode_return = torch.zeros(num_envs)
-        metrics = UpdateMetrics()
+        obs = continue_episodes(env, saved_progress, cfg.seed, counters.env_step, episode_return, metrics)["observation"]
         row_step, row_time = counters.env_step, time.monotonic()
         with reported_stops(record.guard(agent)):
             while counters.env_step < cfg.total_env_steps:
@@ -98,10 +105,11 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
                 td, next_td = env.step_and_maybe_reset(td)
                 end, evaluation, checkpoint_due = advance(counters, env_steps_per_agent_step, cfg)
 
-                # 2. store; a checkpoint ends every episode (a time-out, so the target bootstraps)
+                # 2. store; a checkpoint that cannot keep the episodes ends them all (time-outs: they bootstrap)
+                cut = checkpoint_due and not keeps_episodes
                 nxt = td["next"]
                 reward, done = nxt["reward"][:, 0], nxt["done"][:, 0]
-                truncated = nxt["truncated"][:, 0] | checkpoint_due
+                truncated = nxt["truncated"][:, 0] | cut
                 replay.add(
                     TensorDict(
                         {
@@ -138,9 +146,9 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
                     record.evaluate(agent, eval_env, episode_seed(cfg.seed, counters.env_step, stream=1))
                 if checkpoint_due:
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
-                    if not end:
-                        obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
-                        episode_return.zero_()
+                if cut and not end:
+                    obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
+                    episode_return.zero_()
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
     return counters
