@@ -17,8 +17,8 @@ solver's warm start, controls, applied forces, mocap), the model arrays its task
 (reacher's and fish's targets, finger's damping, stacker's blocks, ...: every array that differs from the model as
 loaded), the task's random generator, and the step counters. Restoring sets them into a freshly loaded env and
 runs ``mj_step1`` (what dm_control runs after each step, so the position- and velocity-derived quantities are
-current); every suite task but LQR (unstable under random actions) and quadruped-escape (needs OpenGL) was
-checked to continue bit for bit (tests/test_dmc_env.py checks a sample).
+current); scripts/check_dmc_snapshots.py checks that every task continues bit for bit (tests/test_dmc_env.py
+checks a sample).
 """
 
 from __future__ import annotations
