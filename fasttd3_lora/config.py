@@ -360,7 +360,8 @@ def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's `meta` (its config and overrides) in today's keys, so an older run resumes and exports as it
     ran: before the `precision` key, bf16 autocast was `algo.amp_bf16` (true/false); before `algo.use_cdq`, the
     FastTD3 target was always clipped double Q (and its `algo.actor_q` is kept); before the DMC family's
-    `task.fasttd3`, a DMC run took the algo defaults; before EnvPool, DMC stepped dm_control (`task.backend`)."""
+    `task.fasttd3`, a DMC run took the algo defaults; before EnvPool, DMC stepped dm_control (`task.backend`);
+    before `task.spread_starts`, DMC episodes all started whole."""
     config, overrides = copy.deepcopy(dict(meta["config"])), list(meta.get("overrides", []))
     algo = config.get("algo", {})
     pinned: list[str] = []  # algo keys whose default changed since: the run keeps the value it ran with
@@ -374,6 +375,8 @@ def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
     task = config.get("task", {})
     if task.get("family") == "dmc" and "backend" not in task:  # before EnvPool, DMC was dm_control
         task["backend"] = "dm_control"
+    if task.get("family") == "dmc" and "spread_starts" not in task:
+        task["spread_starts"] = False
     if "precision" not in config and "amp_bf16" in algo:
         config["precision"] = "bf16" if algo.pop("amp_bf16") else "fp32"
         overrides = [o for o in overrides if o.split("=", 1)[0] != "algo.amp_bf16"] + [f"precision={config['precision']}"]

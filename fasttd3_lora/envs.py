@@ -62,12 +62,13 @@ def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
 
     tasks = request.tasks or (request.task.name,)
     backend = request.task.get("backend", "dm_control")
+    spread = bool(request.task.get("spread_starts", False)) and request.group_size == 1  # GRPO refuses it
 
-    def envs(num_envs: int, num_workers: int | None, group_size: int = 1) -> DMCEnv:
+    def envs(num_envs: int, num_workers: int | None, group_size: int = 1, spread_starts: bool = False) -> DMCEnv:
         try:
             return DMCEnv(tasks, num_envs, action_repeat=request.action_repeat, seed=request.seed,
                           max_episode_steps=request.task.max_episode_steps, num_workers=num_workers,
-                          backend=backend, group_size=group_size)  # fmt: skip
+                          backend=backend, group_size=group_size, spread_starts=spread_starts)  # fmt: skip
         except ValueError as err:  # a task family EnvPool lacks, tasks of different robots: one line, exit 2
             raise ConfigError(f"task.backend={backend}: {err}") from None
 
@@ -75,7 +76,7 @@ def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
     # same cores (on a busy 2-core machine an eval step took 16 ms in-process vs 24 ms with workers, 260-320 ms
     # with 2 torch threads either way), and ten DMC envs cost little next to the actor. EnvPool's threads are
     # its own: one for evaluation.
-    train_envs = envs(request.num_envs, None, request.group_size)
+    train_envs = envs(request.num_envs, None, request.group_size, spread)  # evaluation plays whole episodes
     return train_envs, envs(request.eval_envs * len(tasks), 1 if backend == "envpool" else 0)
 
 

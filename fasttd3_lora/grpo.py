@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
 from torch import Tensor, nn
 
@@ -102,6 +102,9 @@ class GRPOConfig(AlgorithmConfig):
         if get(cfg, "algo.alpha") is not None:
             positive(cfg, "algo.alpha")
         number_in(cfg, "algo.kl_coef", 0.0, math.inf, lo_open=False, hi_open=True)
+        if OmegaConf.select(cfg, "task.spread_starts", default=False):
+            raise ConfigError("task.spread_starts=true: a group-relative run starts each group's episodes together "
+                              "and plays them whole; allowed false")  # fmt: skip
         for key in ("clip", "lr", "max_grad_norm", "init_std"):
             positive(cfg, f"algo.{key}")
         source = get(cfg, "algo.from_run")

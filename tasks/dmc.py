@@ -24,6 +24,10 @@ envs with numpy and sends back one buffer per step; workers never render, so no 
 this process when ``num_workers=0`` (the default for one env). Close with `close()` or a ``with`` block;
 workers never outlive the parent (see `vector_workers`).
 
+``spread_starts=True`` (dm_control only) makes `randomize_episode_starts` cut every env's current episode short at
+a random step, as FastTD3's ``random_start_init`` does on Isaac Lab, so a batch of envs does not time out (and
+restart) in lockstep: the training loops call it after each start of all episodes (`fasttd3_lora.loops.kit`).
+
 With ``backend="dm_control"`` the running episodes can be saved and continued exactly (`snapshot` /
 `restore_episodes`; `fasttd3_lora.tasks.dmc_slice` says what an episode's state is), so a training run's
 checkpoint cuts none of them (`can_snapshot`). EnvPool's envs cannot be saved.
@@ -48,7 +52,7 @@ from fasttd3_lora.tasks.pooled_env import MAX_SEED, PooledEnv, check_int
 from fasttd3_lora.tasks.vector_workers import LocalPool, ProcessPool
 
 PREFIX = "dmc/"
-_METHODS = ("step", "reset", "seed", "render", "snapshot", "restore")
+_METHODS = ("step", "reset", "seed", "render", "shorten", "snapshot", "restore")
 
 
 BACKENDS = ("dm_control", "envpool")
@@ -83,7 +87,8 @@ class DMCEnv(PooledEnv):
     loses at every N; docs/env_throughput.md). `backend="envpool"` steps EnvPool's C++ port of the same tasks
     (`fasttd3_lora.tasks.dmc_envpool`; `num_workers` is then its thread count). `timeout_s` bounds the wait for
     any worker reply. `group_size=G` seeds env i from ``seed + i // G``: each run of G consecutive envs starts its
-    episodes from the same states (group-relative fine-tuning, `fasttd3_lora.grpo`).
+    episodes from the same states (group-relative fine-tuning, `fasttd3_lora.grpo`). `spread_starts`: see the
+    module docstring.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class DMCEnv(PooledEnv):
         timeout_s: float = 120.0,
         backend: str = "dm_control",
         group_size: int = 1,
+        spread_starts: bool = False,
     ) -> None:
         names = (task,) if isinstance(task, str) else tuple(task)
         if not names:
@@ -118,8 +124,10 @@ class DMCEnv(PooledEnv):
         if seed is None:
             seed = int(torch.randint(0, MAX_SEED, ()).item())
         seed = check_int("seed", seed, 0, MAX_SEED - 1)
+        if spread_starts and backend != "dm_control":
+            raise ValueError(f"spread_starts=True needs backend=dm_control, got backend={backend}")
         super().__init__(num_envs, names, action_repeat, seed)
-        self.backend = backend
+        self.backend, self.spreads_starts = backend, bool(spread_starts)
         per_task = num_envs // len(names)
         env_tasks = [parsed[i // per_task] for i in range(num_envs)]
         if backend == "envpool":
@@ -136,6 +144,15 @@ class DMCEnv(PooledEnv):
             self._attach(LocalPool(factories, methods=_METHODS, name=self.task_name), bounds)
         else:
             self._attach(ProcessPool(factories, methods=_METHODS, name=self.task_name, timeout_s=timeout_s), bounds)
+
+    def randomize_episode_starts(self, seed: int) -> None:
+        """End every env's current episode after a random number of control steps, uniform in [1,
+        max_episode_steps] and drawn from `seed` (a time-out), so the first ends spread over an episode (no-op
+        without ``spread_starts``). Call right after a full reset."""
+        if not self.spreads_starts:
+            return
+        lengths = np.random.default_rng(int(seed)).integers(1, self.max_episode_steps, self.num_envs, endpoint=True)
+        self._pool.call("shorten", [lengths[lo:hi].astype(np.int64) for lo, hi in self._bounds])
 
     @property
     def can_snapshot(self) -> bool:

@@ -109,6 +109,7 @@ class DMCSlice:
         self._buf = bytearray(result_nbytes(num_envs, offset))
         self._obs, self._reward, self._terminated, self._truncated = result_views(self._buf, num_envs, offset)
         self._steps = np.zeros(num_envs, dtype=np.int64)
+        self._first_limit = np.full(num_envs, np.inf)  # a spread start's shortened episode (`shorten`), else inf
         # the models as loaded: a snapshot keeps the arrays a task changed since (`snapshot`)
         self._pristine = [copy.copy(env.physics.model.ptr) for env in self._envs]
         self._model_arrays = [name for name in dir(self._pristine[0])
@@ -142,17 +143,17 @@ class DMCSlice:
         """
         actions = np.frombuffer(payload, dtype=np.float64).reshape(len(self._envs), -1)
         for i, env in enumerate(self._envs):
-            total = 0.0
+            total, limit = 0.0, min(self._limit, self._first_limit[i])
             for _ in range(self._action_repeat):
                 ts = env.step(actions[i])
                 total += ts.reward
                 self._steps[i] += 1
-                if ts.last() or self._steps[i] >= self._limit:
+                if ts.last() or self._steps[i] >= limit:
                     break
             # dm_control marks a true termination by a LAST step with discount 0; a time limit keeps discount 1.
             terminated = ts.last() and ts.discount == 0.0
             self._terminated[i] = terminated
-            self._truncated[i] = not terminated and (ts.last() or self._steps[i] >= self._limit)
+            self._truncated[i] = not terminated and (ts.last() or self._steps[i] >= limit)
             self._reward[i] = total
             self._write_obs(i, ts.observation)
         return memoryview(self._buf)
@@ -163,6 +164,7 @@ class DMCSlice:
         for i in np.flatnonzero(mask):
             ts = self._envs[i].reset()
             self._steps[i] = 0
+            self._first_limit[i] = np.inf
             self._write_obs(i, ts.observation)
         self._reward[mask] = 0.0
         self._terminated[mask] = False
@@ -177,11 +179,17 @@ class DMCSlice:
         frame = self._envs[index].physics.render(height=height, width=width, camera_id=camera)
         return memoryview(np.ascontiguousarray(frame, dtype=np.uint8)).cast("B")
 
+    def shorten(self, payload: Any) -> memoryview:
+        """End each env's current episode as a time-out after the given number of control steps (int64, one per
+        env; a spread start, `DMCEnv.randomize_episode_starts`); later episodes keep the full limit."""
+        self._first_limit[:] = np.frombuffer(payload, dtype=np.int64)
+        return memoryview(self._buf)
+
     def snapshot(self, payload: Any) -> bytes:
         """Every env's running episode (module docstring) as a pickled list of dicts of numpy arrays and numbers,
         for the parent (`DMCEnv.snapshot`), which turns them into tensors."""
         states = []
-        for env, pristine, steps in zip(self._envs, self._pristine, self._steps, strict=True):
+        for env, pristine, steps, first in zip(self._envs, self._pristine, self._steps, self._first_limit, strict=True):
             model, data = env.physics.model.ptr, env.physics.data.ptr
             integration = np.empty(mujoco.mj_stateSize(model, _STATE))
             mujoco.mj_getState(model, data, integration, _STATE)
@@ -193,7 +201,7 @@ class DMCSlice:
             _, keys, pos, has_gauss, cached_gaussian = env.task.random.get_state()
             states.append({"integration": integration, "model": changed, "rng_keys": keys.astype(np.int64),
                            "rng": np.array([pos, has_gauss], dtype=np.int64), "rng_gaussian": float(cached_gaussian),
-                           "step_count": int(env._step_count), "steps": int(steps)})  # fmt: skip
+                           "step_count": int(env._step_count), "steps": int(steps), "first_limit": float(first)})  # fmt: skip
         return pickle.dumps(states)
 
     def restore(self, payload: Any) -> memoryview:
@@ -213,6 +221,7 @@ class DMCSlice:
                                        state["rng_gaussian"]))  # fmt: skip
             env._step_count, env._reset_next_step = state["step_count"], False
             self._steps[i] = state["steps"]
+            self._first_limit[i] = state.get("first_limit", np.inf)
             self._write_obs(i, env.task.get_observation(env.physics))
         self._reward[:] = 0.0
         self._terminated[:] = False

@@ -339,6 +339,8 @@ class IsaacLabEnv(EnvBase):
             device=self.device,
         )
 
+    spreads_starts = True  # FastTD3's random start, always (`randomize_episode_starts`)
+
     def randomize_episode_starts(self, seed: int) -> None:
         """FastTD3's `random_start_init`: every env's episode clock (`episode_length_buf`) jumps to a random step in
         [0, max_episode_length), drawn from `seed`, so the first time-outs spread over an episode instead of all

@@ -564,3 +564,33 @@ def test_saved_episodes_of_other_envs_are_refused_in_one_line() -> None:
         assert not pooled.can_snapshot
         with pytest.raises(ValueError, match="backend=envpool cannot save its envs' episodes"):
             pooled.snapshot()
+
+
+def test_spread_starts_cut_each_first_episode_at_its_drawn_step_and_later_ones_whole() -> None:
+    """`randomize_episode_starts` after a reset: env i's first episode times out after its drawn length in
+    [1, 30] (distinct across envs, the same for the same seed), its second after the full 30; a snapshot taken
+    inside a first episode keeps the cut."""
+    lengths = {}
+    for run in range(2):
+        with DMCEnv("dmc/cartpole-balance", 8, seed=0, max_episode_steps=30, spread_starts=True, num_workers=2) as env:
+            td = env.reset()
+            env.randomize_episode_starts(123)
+            before: list[TensorDict] = []
+            if run:
+                td, before = _steps(env, td, [torch.zeros(8, 1)] * 3)
+                saved = env.snapshot()
+                env.close()
+                env = DMCEnv("dmc/cartpole-balance", 8, seed=5, max_episode_steps=30, spread_starts=True)
+                env.reset()
+                td = env.restore_episodes(saved)
+            ends: list[list[int]] = [[] for _ in range(8)]
+            _, seen = _steps(env, td, [torch.zeros(8, 1)] * (63 - 3 * run))
+            for t, step in enumerate(before + seen, start=1):
+                for i in np.flatnonzero(step["truncated"][:, 0].numpy()):
+                    ends[i].append(t)
+            env.close()
+        lengths[run] = [e[0] for e in ends]
+        assert all(len(e) >= 2 and all(b - a == 30 for a, b in zip(e, e[1:])) for e in ends), ends  # later ones whole
+    assert lengths[0] == lengths[1] and len(set(lengths[0])) > 4 and 1 <= min(lengths[0]) and max(lengths[0]) <= 30
+    with pytest.raises(ValueError, match="spread_starts=True needs backend=dm_control, got backend=envpool"):
+        DMCEnv("dmc/cartpole-balance", 2, backend="envpool", spread_starts=True)

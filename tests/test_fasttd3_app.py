@@ -120,6 +120,35 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(dmc_run, tmp_path:
                 assert value == flat_b[key], f"{part}.{key}"
 
 
+def _metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    header, *lines = (run_dir / "metrics.csv").read_text().splitlines()
+    columns = header.split(",")
+    return [{k: v for k, v in zip(columns, line.split(","), strict=True) if k not in ("wall_time", "sps")}
+            for line in lines]  # fmt: skip
+
+
+def test_spread_starts_report_whole_episodes_only_and_resume_bit_for_bit(tmp_path: Path, monkeypatch) -> None:
+    """task.spread_starts: each env's first episode is cut at a random step in [1, 30] agent steps and not
+    reported, so the first reported episode ends at agent step 31 or later (4 envs: env step 124); a run killed
+    past its checkpoint at 100 (inside episodes, some envs still in their first) resumes to the same agent,
+    buffer and metrics rows."""
+    spread = [*DMC_TINY, "task.spread_starts=true", "total_env_steps=400", "seed=5"]  # env 0 cut at step 29
+    train(compose_config(spread), tmp_path / "whole", spread)
+    rows = _metric_rows(tmp_path / "whole")
+    reported = [int(r["env_step"]) for r in rows if r["episode_return"]]
+    unreported = [int(r["env_step"]) for r in rows if not r["episode_return"] and not r["eval_return"]]
+    assert len(reported) >= 2 and min(reported) >= 124 and unreported and min(unreported) <= 120
+    crash_at(monkeypatch, 140)
+    with pytest.raises(Crash):
+        train(compose_config(spread), tmp_path / "broken", spread)
+    monkeypatch.undo()
+    train(compose_config([*spread, f"resume={tmp_path / 'broken'}"]), tmp_path / "broken", spread)
+    assert _metric_rows(tmp_path / "broken") == rows
+    a = _flatten(load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")["agent"])
+    b = _flatten(load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")["agent"])
+    assert all(torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k] for k, v in a.items())
+
+
 def _flatten(tree, prefix: str = "") -> dict:
     if isinstance(tree, dict):
         out = {}

@@ -132,7 +132,7 @@ def test_checkpoints_inside_episodes_cut_none_and_resume_bit_identical(tmp_path:
         train(compose_config(short), tmp_path / "broken", short)
     saved = load_checkpoint(tmp_path / "broken" / "checkpoints" / "latest.pt")
     assert saved["meta"]["counters"]["env_step"] == 210 and saved["in_progress"]["env"]["envs"][0]["steps"] == 10
-    assert float(saved["in_progress"]["returns"][0]) != 0.0  # the return so far of the episode in progress
+    assert float(saved["in_progress"]["returns"]["sums"][0]) != 0.0  # the return so far of the episode in progress
     monkeypatch.undo()
     resumed = train(compose_config([*short, f"resume={tmp_path / 'broken'}"]), tmp_path / "broken", short)
     assert (resumed.env_step, resumed.last_eval_return) == (whole.env_step, whole.last_eval_return)

@@ -34,6 +34,7 @@ from fasttd3_lora.envs import EnvRequest, env_deploy_facts, make_envs
 from fasttd3_lora.fasttd3 import FastTD3, FastTD3Config
 from fasttd3_lora.loops.kit import (
     Counters,
+    EpisodeReturns,
     RunRecord,
     UpdateMetrics,
     advance,
@@ -144,7 +145,7 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
             # why): the replicas stay identical.
             agent.load_state_dict(state["agent"])
 
-        episode_return = torch.zeros(num_envs, device=env.device)
+        episode_return = EpisodeReturns(num_envs, env.device)
         critic_metrics, actor_metrics = UpdateMetrics(), UpdateMetrics()
         if counters.env_step == 0:
             checkpoint()  # the guard's last finite state exists from the start
@@ -195,16 +196,14 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
                     if actor_part:
                         actor_metrics.add(actor_part, counters.env_step, agent.num_updates)
 
-                # 4. report finished episodes (this rank's envs; episodes cut by a restart are not reported)
-                episode_return += reward
-                done = nxt["done"][:, 0]
-                if bool(done.any()):
+                # 4. report finished episodes (this rank's envs; not those cut by a restart or a spread start)
+                finished = episode_return.add(reward, nxt["done"][:, 0])
+                if finished is not None:
                     now = time.monotonic()
                     sps = (counters.env_step - row_step) / max(now - row_time, 1e-9)
                     row_step, row_time = counters.env_step, now
-                    record.log({"episode_return": episode_return[done].mean().item(), "sps": sps,
-                                **critic_metrics.pop_means(), **actor_metrics.pop_means()})  # fmt: skip
-                episode_return[ended] = 0.0
+                    record.log({**EpisodeReturns.row(finished[0]), "sps": sps, **critic_metrics.pop_means(),
+                                **actor_metrics.pop_means()})  # fmt: skip
 
                 # 5. evaluate (rank 0), checkpoint; their time is left out of SPS
                 paused = time.monotonic()
@@ -215,7 +214,7 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 if restart and not end:
                     current = _observations(start_episodes(env, seed, counters.env_step))
-                    episode_return.zero_()
+                    episode_return.start(env)
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
     return counters

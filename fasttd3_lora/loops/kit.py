@@ -63,7 +63,9 @@ __all__ = [
     "crossed",
     "advance",
     "seed_everything",
+    "spreads_starts",
     "start_episodes",
+    "EpisodeReturns",
     "saves_episodes",
     "in_progress",
     "continue_episodes",
@@ -141,16 +143,61 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def spreads_starts(env: Any) -> bool:
+    """Whether the env cuts each env's first episode after a start at a random step (Isaac Lab: FastTD3's random
+    start; DMC with ``task.spread_starts``), so a batch of envs does not time out together."""
+    return bool(getattr(env, "spreads_starts", False))
+
+
 def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
     """Reset every env from the seed of this step; returns the reset TensorDict (first observations). An env that
-    can spread its episodes' clocks (Isaac Lab: FastTD3's random start) does so, from the same seed, so thousands
-    of envs do not time out together and a resumed run restarts them the same way."""
+    spreads its episodes' clocks (`spreads_starts`) does so, from the same seed, so thousands of envs do not time
+    out together and a resumed run restarts them the same way."""
     step_seed = episode_seed(seed, env_step, stream=0)
     env.set_seed(step_seed)
     td = env.reset()
-    if hasattr(env, "randomize_episode_starts"):
+    if spreads_starts(env):
         env.randomize_episode_starts(step_seed)
     return td
+
+
+class EpisodeReturns:
+    """Each training env's return so far, and which finished episodes a loop reports: after `start` on envs that
+    spread their episodes' clocks (`spreads_starts`) each env's first episode is cut short at random, so it is not
+    reported (neither is an episode cut by a checkpoint's restart: `start` drops it)."""
+
+    def __init__(self, num_envs: int, device: torch.device | str) -> None:
+        self.sums = torch.zeros(num_envs, device=device)
+        self.counted = torch.ones(num_envs, dtype=torch.bool, device=device)
+
+    def start(self, env: Any) -> None:
+        """Every env begins a new episode (`start_episodes`)."""
+        self.sums.zero_()
+        self.counted.fill_(not spreads_starts(env))
+
+    def add(self, reward: Tensor, done: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Add one step's rewards (num_envs,); where episodes ended (`done`), (the returns of the reported ones, the
+        mask of their envs), else None (one host sync, as the loops' own check of `done`)."""
+        self.sums += reward
+        if not bool(done.any()):
+            return None
+        reported = done & self.counted
+        finished = self.sums[reported]
+        self.counted |= done
+        self.sums.masked_fill_(done, 0.0)
+        return finished, reported
+
+    @staticmethod
+    def row(finished: Tensor) -> dict[str, float]:
+        """The metrics row's ``episode_return``: the mean of the reported returns (none: no entry)."""
+        return {"episode_return": finished.mean().item()} if len(finished) else {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"sums": self.sums.clone(), "counted": self.counted.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.sums.copy_(state["sums"])
+        self.counted.copy_(state["counted"])
 
 
 def saves_episodes(env: Any, world_size: int = 1) -> bool:
@@ -160,26 +207,25 @@ def saves_episodes(env: Any, world_size: int = 1) -> bool:
     return world_size == 1 and bool(getattr(env, "can_snapshot", False))
 
 
-def in_progress(env: Any, keeps_episodes: bool, returns: Tensor, *rows: UpdateMetrics) -> dict[str, Any]:
+def in_progress(env: Any, keeps_episodes: bool, returns: EpisodeReturns, *rows: UpdateMetrics) -> dict[str, Any]:
     """What a checkpoint keeps of the work in progress: the sums of the unfinished log rows (`rows`) and, with
-    `keeps_episodes` (`saves_episodes`), the training envs' running episodes and each env's return so far."""
+    `keeps_episodes` (`saves_episodes`), the training envs' running episodes and their returns so far."""
     return {"rows": [row.state_dict() for row in rows],
             "env": env.snapshot() if keeps_episodes else None,
-            "returns": returns.detach().clone() if keeps_episodes else None}  # fmt: skip
+            "returns": returns.state_dict() if keeps_episodes else None}  # fmt: skip
 
 
-def continue_episodes(env: Any, saved: dict[str, Any] | None, seed: int, env_step: int, returns: Tensor,
+def continue_episodes(env: Any, saved: dict[str, Any] | None, seed: int, env_step: int, returns: EpisodeReturns,
                       *rows: UpdateMetrics) -> TensorDict:  # fmt: skip
     """The training envs' observations to go on from at `env_step`, after `in_progress` state `saved` (None for a
     new run) went back into `returns` and `rows`: the running episodes it saved, or else new ones
     (`start_episodes`)."""
-    if saved is None:
-        return start_episodes(env, seed, env_step)
-    for row, state in zip(rows, saved["rows"], strict=True):
+    for row, state in zip(rows, [] if saved is None else saved["rows"], strict=saved is not None):
         row.load_state_dict(state)
-    if saved["env"] is None or not saves_episodes(env):
+    if saved is None or saved["env"] is None or not saves_episodes(env):
+        returns.start(env)
         return start_episodes(env, seed, env_step)
-    returns.copy_(saved["returns"])
+    returns.load_state_dict(saved["returns"])
     return env.restore_episodes(saved["env"])
 
 

@@ -43,6 +43,7 @@ from fasttd3_lora.library_store import (
 from fasttd3_lora.checks import ConfigError
 from fasttd3_lora.loops.kit import (
     Counters,
+    EpisodeReturns,
     RunRecord,
     UpdateMetrics,
     advance,
@@ -136,7 +137,7 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
             progress = in_progress(env, keeps_episodes, episode_return) if counters.env_step else None
             record.checkpoint(agent, None, generator, env_facts, keep_copy=keep_copy, progress=progress)
 
-        episode_return = torch.zeros(num_envs, device=env.device)
+        episode_return = EpisodeReturns(num_envs, env.device)
         if counters.env_step == 0:
             checkpoint()  # the guard's last finite state exists from the start
         task_ids = getattr(env, "task_ids", None)
@@ -161,13 +162,11 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
                     agent.observe_rewards(out["reward"], out["done"])
                     out["next_observation"] = nxt["observation"].to(device)  # the true final one at an end
                     steps.append(out)
-                    episode_return += nxt["reward"].squeeze(-1)
-                    done = nxt["done"].squeeze(-1)
-                    if bool(done.any()):
-                        finished.append(episode_return[done])
+                    ended = episode_return.add(nxt["reward"].squeeze(-1), nxt["done"].squeeze(-1))
+                    if ended is not None:  # (not the episodes cut by a restart or a spread start)
+                        finished.append(ended[0])
                         if task_ids is not None:
-                            finished_tasks.append(task_ids[done.cpu()])
-                    episode_return[done] = 0.0
+                            finished_tasks.append(task_ids[ended[1].cpu()])
                     obs = next_td["observation"]
                 end, evaluation, checkpoint_due = advance(counters, env_steps_per_iteration, cfg)
                 # Episodes restart after a checkpoint that cannot keep them (exact resume), and on Isaac Lab after
@@ -193,8 +192,8 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
                 now = time.monotonic()
                 row = {"sps": (counters.env_step - row_step) / max(now - row_time, 1e-9), **metrics.pop_means()}
                 row_step, row_time = counters.env_step, now
-                if finished:
-                    returns = torch.cat(finished)
+                returns = torch.cat(finished) if finished else torch.zeros(0)
+                if len(returns):
                     row["episode_return"] = returns.mean().item()
                     if finished_tasks:
                         row.update(_per_task(returns, torch.cat(finished_tasks), tasks, "episode_return"))
@@ -212,7 +211,7 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 if restart:
                     obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
-                    episode_return.zero_()
+                    episode_return.start(env)
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
         if library is not None and pcfg.library_rank is not None and counters.env_step >= cfg.total_env_steps:

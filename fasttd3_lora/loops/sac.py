@@ -26,6 +26,7 @@ from tensordict import TensorDict
 from fasttd3_lora.envs import EnvRequest, env_deploy_facts, make_envs
 from fasttd3_lora.loops.kit import (
     Counters,
+    EpisodeReturns,
     RunRecord,
     UpdateMetrics,
     advance,
@@ -83,7 +84,7 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
         keeps_episodes = saves_episodes(env)
 
         num_envs = algo.num_envs
-        episode_return, metrics = torch.zeros(num_envs), UpdateMetrics()
+        episode_return, metrics = EpisodeReturns(num_envs, env.device), UpdateMetrics()
 
         def checkpoint(keep_copy: bool = False) -> None:
             progress = in_progress(env, keeps_episodes, episode_return, metrics) if counters.env_step else None
@@ -131,14 +132,13 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
                     batches = [agent.update(replay.sample(algo.batch_size, generator)) for _ in range(algo.updates_per_step)]
                     metrics.add(batches, counters.env_step, agent.num_updates)
 
-                # 4. report finished episodes (episodes cut by a checkpoint are not reported)
-                episode_return += reward
-                if bool(done.any()):
+                # 4. report finished episodes (not those cut by a checkpoint or a spread start: `EpisodeReturns`)
+                ended = episode_return.add(reward, done)
+                if ended is not None:
                     now = time.monotonic()
                     sps = (counters.env_step - row_step) / max(now - row_time, 1e-9)
                     row_step, row_time = counters.env_step, now
-                    record.log({"episode_return": episode_return[done].mean().item(), "sps": sps, **metrics.pop_means()})
-                episode_return[done] = 0.0
+                    record.log({**EpisodeReturns.row(ended[0]), "sps": sps, **metrics.pop_means()})
 
                 # 5. evaluate, checkpoint (their time is left out of SPS)
                 paused = time.monotonic()
@@ -148,7 +148,7 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 if cut and not end:
                     obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
-                    episode_return.zero_()
+                    episode_return.start(env)
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
     return counters
