@@ -27,11 +27,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from isaaclab_standin import Box, GymMadeEnv
+from isaaclab_standin import Box, GymMadeEnv, SeededResets
 from torch import Tensor
 
 
-class StandInMARLEnv:
+class StandInMARLEnv(SeededResets):
     def __init__(
         self, num_envs: int = 16, agents: dict[str, tuple[int, int]] | None = None, *, state_space: int = -1,
         final_obs: bool = True, max_episode_length: int = 12, termination_prob: float = 0.03, bound: float = 3.0,
@@ -89,14 +89,8 @@ class StandInMARLEnv:
         self.x[env_ids] = 2 * torch.rand(len(env_ids), self.dim, generator=self._gen, device=self.device) - 1
         self.episode_length_buf[env_ids] = 0
 
-    def seed(self, seed: int = -1) -> int:
-        self._gen.manual_seed(seed)
-        return seed
-
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict[str, Tensor], dict]:
-        if seed is not None:
-            self.seed(seed)
-        self._reset_idx(torch.arange(self.num_envs, device=self.device))
+        self._reset_all(seed)
         return self._compute_observations(), self.extras
 
     def step(self, actions: dict[str, Tensor]) -> tuple[dict, dict, dict, dict, dict]:

@@ -63,7 +63,21 @@ class DictSpace:
     spaces: dict[str, Box] = field(default_factory=dict)
 
 
-class StandInIsaacLabEnv:
+class SeededResets:
+    """Isaac Lab's `seed` (its generators) and the start of `reset` (seed, then `_reset_idx` of every env), shared
+    by the single- and multi-agent stand-ins (which hold `_gen`, `num_envs`, `device` and `_reset_idx`)."""
+
+    def seed(self, seed: int = -1) -> int:
+        self._gen.manual_seed(seed)
+        return seed
+
+    def _reset_all(self, seed: int | None) -> None:
+        if seed is not None:
+            self.seed(seed)
+        self._reset_idx(torch.arange(self.num_envs, device=self.device))
+
+
+class StandInIsaacLabEnv(SeededResets):
     """The unwrapped env (``env.unwrapped`` in Isaac Lab); see the module docstring."""
 
     is_vector_env = True
@@ -173,15 +187,9 @@ class StandInIsaacLabEnv:
         self.episode_length_buf[env_ids] = 0
         self.raw_actions[env_ids] = 0.0
 
-    def seed(self, seed: int = -1) -> int:
-        self._gen.manual_seed(seed)
-        return seed
-
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict[str, Tensor], dict]:
-        if seed is not None:
-            self.seed(seed)
         self.num_resets_called += 1
-        self._reset_idx(torch.arange(self.num_envs, device=self.device))
+        self._reset_all(seed)
         return self._observations(), self.extras
 
     def step(self, action: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, dict]:
