@@ -34,6 +34,9 @@ FIGURES: dict[str, tuple[str, Callable[[Path, Path], None]]] = {
                                    functools.partial(plot_curves, title="make train: FastTD3 + LoRA on dmc/cartpole-swingup")),
     "docs/mappo/lorasa_vmas-het_mass.png": ("docs/mappo/lorasa_curves_vmas-het_mass.csv",
                                             functools.partial(plot_curves, title="MAPPO on vmas/het_mass: PS, NPS, LoRASA")),
+    "docs/mappo/lorasa_mamujoco-HalfCheetah-2x3.png": (
+        "docs/mappo/lorasa_curves_mamujoco-HalfCheetah-2x3.csv",
+        functools.partial(plot_curves, title="MAPPO on mamujoco/HalfCheetah-2x3: PS, NPS, LoRASA")),
 }  # fmt: skip
 # README figures drawn before this script existed, from runs whose metrics were not committed
 WITHOUT_DATA = {

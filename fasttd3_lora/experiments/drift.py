@@ -245,13 +245,14 @@ def plot_control(runs_csv: Path, path: Path) -> None:
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
+        every = sorted({r["rank"] for r in rows if r["task"] == task}, key=_rank_order)  # one x position per rank
         for coef in sorted({r["kl_coef"] for r in rows if r["task"] == task}):
             ranks = sorted({r["rank"] for r in rows if r["task"] == task and r["kl_coef"] == coef}, key=_rank_order)
-            xs = list(range(len(ranks)))
             values = [[r["kl_ref"] for r in rows if (r["task"], r["kl_coef"], r["rank"]) == (task, coef, k)] for k in ranks]
-            ax.errorbar(xs, [statistics.mean(v) for v in values], yerr=[statistics.pstdev(v) for v in values],
-                        marker="o", capsize=3, label=f"KL coefficient {coef:g}")  # fmt: skip
-            ax.set_xticks(xs, ranks)
+            ax.errorbar([every.index(k) for k in ranks], [statistics.mean(v) for v in values],
+                        yerr=[statistics.pstdev(v) for v in values], marker="o", capsize=3,
+                        label=f"KL coefficient {coef:g}")  # fmt: skip
+        ax.set_xticks(range(len(every)), every)
         ax.set(yscale="log", xlabel="rank", ylabel="KL(π_ref ‖ π) on reference states", title=task)
         ax.legend(fontsize=8)
     fig.tight_layout()
