@@ -1,5 +1,5 @@
 """Inference of a whole policy library on a mixed batch (docs/library.md): one forward in which every row uses its
-task's adapter (two gathered batched products per layer) against a loop over tasks (each task's rows through its
+task's adapter (`LoRALinear`'s masked dense form, docs/library.md) against a loop over tasks (each task's rows through its
 adapter, or through its merged dense copy), and the agreement of the three.
 
     python benchmarks/library_inference.py [--rows 4096 --tasks 16 --rank 4 --threads 1 --reps 50]
