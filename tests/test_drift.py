@@ -141,6 +141,19 @@ def test_report_groups_runs_by_rank_and_computes_rho_with_the_largest_rank(tmp_p
     assert (tmp_path / "drift_kl_vs_rank.png").stat().st_size > 0 and (tmp_path / "drift_runs.csv").is_file()
 
 
+def test_the_plot_puts_a_coefficient_run_at_few_ranks_at_those_ranks(tmp_path):
+    """The penalised runs (rank 4 only) sit at rank 4's position among all ranks, not at the first."""
+    from fasttd3_lora.experiments.drift import kl_points
+
+    rows = [{"task": "t", "rank": rank, "kl_coef": coef, "kl_ref": kl} for rank, coef, kl in
+            (("1", 0.0, 0.01), ("4", 0.0, 0.05), ("full", 0.0, 0.2), ("4", 0.1, 0.002), ("4", 0.1, 0.004))]  # fmt: skip
+    every, points = kl_points(rows, "t")
+    assert every == ["1", "4", "full"]
+    assert [x for x, _, _ in points[0.0]] == [0, 1, 2]
+    ((x, mean, std),) = points[0.1]
+    assert (x, mean, std) == (1, 0.003, 0.001)
+
+
 def test_single_layer_cli_writes_its_table_and_says_the_bound_held(tmp_path, capsys):
     from fasttd3_lora.experiments.drift import main
 

@@ -233,6 +233,19 @@ def report(out: Path) -> str:
     return table
 
 
+def kl_points(rows: Sequence[dict[str, Any]],
+              task: str) -> tuple[list[str], dict[float, list[tuple[int, float, float]]]]:  # fmt: skip
+    """The task's ranks in order (one x position each) and, per KL coefficient, its points (x, mean KL, std KL over
+    seeds): a coefficient run at some ranks only sits at those ranks' positions."""
+    every = sorted({r["rank"] for r in rows if r["task"] == task}, key=_rank_order)
+    points = {}
+    for coef in sorted({r["kl_coef"] for r in rows if r["task"] == task}):
+        ranks = sorted({r["rank"] for r in rows if r["task"] == task and r["kl_coef"] == coef}, key=_rank_order)
+        values = [[r["kl_ref"] for r in rows if (r["task"], r["kl_coef"], r["rank"]) == (task, coef, k)] for k in ranks]
+        points[coef] = [(every.index(k), statistics.mean(v), statistics.pstdev(v)) for k, v in zip(ranks, values)]
+    return every, points
+
+
 def plot_control(runs_csv: Path, path: Path) -> None:
     """KL(pi_ref || pi) against the rank per task and KL coefficient (mean +- std over seeds), from drift_runs.csv."""
     rows = [{**r, "kl_coef": float(r["kl_coef"]), "kl_ref": float(r["kl_ref"])} for r in _rows(runs_csv)]
@@ -245,13 +258,10 @@ def plot_control(runs_csv: Path, path: Path) -> None:
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        every = sorted({r["rank"] for r in rows if r["task"] == task}, key=_rank_order)  # one x position per rank
-        for coef in sorted({r["kl_coef"] for r in rows if r["task"] == task}):
-            ranks = sorted({r["rank"] for r in rows if r["task"] == task and r["kl_coef"] == coef}, key=_rank_order)
-            values = [[r["kl_ref"] for r in rows if (r["task"], r["kl_coef"], r["rank"]) == (task, coef, k)] for k in ranks]
-            ax.errorbar([every.index(k) for k in ranks], [statistics.mean(v) for v in values],
-                        yerr=[statistics.pstdev(v) for v in values], marker="o", capsize=3,
-                        label=f"KL coefficient {coef:g}")  # fmt: skip
+        every, points = kl_points(rows, task)
+        for coef, series in points.items():
+            xs, means, stds = zip(*series)
+            ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"KL coefficient {coef:g}")
         ax.set_xticks(range(len(every)), every)
         ax.set(yscale="log", xlabel="rank", ylabel="KL(π_ref ‖ π) on reference states", title=task)
         ax.legend(fontsize=8)
