@@ -62,7 +62,7 @@ def make_dmc_envs(request: EnvRequest) -> tuple[DMCEnv, DMCEnv]:
 
     tasks = request.tasks or (request.task.name,)
     backend = request.task.get("backend", "dm_control")
-    spread = bool(request.task.get("spread_starts", False)) and request.group_size == 1  # GRPO refuses it
+    spread = bool(request.task.get("spread_starts", False))  # GRPO's config refuses it
 
     def envs(num_envs: int, num_workers: int | None, group_size: int = 1, spread_starts: bool = False) -> DMCEnv:
         try:

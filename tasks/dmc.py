@@ -74,6 +74,12 @@ def parse_dmc_task(name: str) -> tuple[str, str]:
     raise ValueError(f"unknown DMC task {name!r}; expected dmc/<domain>-<task>, close matches: {hint}")
 
 
+def _map_arrays(fn: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """An env's snapshot (`DMCSlice.snapshot`: values and one level of named model arrays) with `fn` applied to
+    every value: numpy arrays to tensors for a checkpoint, and back."""
+    return {k: {n: fn(a) for n, a in v.items()} if isinstance(v, dict) else fn(v) for k, v in state.items()}
+
+
 class DMCEnv(PooledEnv):
     """`num_envs` envs of one DMC task (or of several tasks of one embodiment) as a batched TorchRL env (see the
     module docstring for the contract).
@@ -171,9 +177,7 @@ class DMCEnv(PooledEnv):
         replies = self._pool.call("snapshot", [b""] * len(self._bounds))
         envs = [state for reply in replies for state in pickle.loads(reply)]  # from our own workers
         as_tensor = lambda v: torch.from_numpy(v) if isinstance(v, np.ndarray) else v  # noqa: E731
-        return {"tasks": self._env_tasks(),
-                "envs": [{k: ({n: as_tensor(a) for n, a in v.items()} if isinstance(v, dict) else as_tensor(v))
-                          for k, v in state.items()} for state in envs]}  # fmt: skip
+        return {"tasks": self._env_tasks(), "envs": [_map_arrays(as_tensor, state) for state in envs]}
 
     def restore_episodes(self, saved: dict[str, Any]) -> TensorDict:
         """Continue the episodes of `snapshot` (from an env of the same tasks and size); returns the current
@@ -183,8 +187,7 @@ class DMCEnv(PooledEnv):
             raise ValueError(f"{self.task_name}: the saved episodes are of {len(theirs)} envs of "
                              f"{sorted(set(theirs))}, this env has {self.num_envs} of {list(self.task_names)}")  # fmt: skip
         as_numpy = lambda v: v.numpy() if isinstance(v, torch.Tensor) else v  # noqa: E731
-        envs = [{k: ({n: as_numpy(a) for n, a in v.items()} if isinstance(v, dict) else as_numpy(v))
-                 for k, v in state.items()} for state in saved["envs"]]  # fmt: skip
+        envs = [_map_arrays(as_numpy, state) for state in saved["envs"]]
         replies = self._pool.call("restore", [pickle.dumps(envs[lo:hi]) for lo, hi in self._bounds])
         obs, _, terminated, truncated = self._gather(replies)
         self._needs_reset[:] = False

@@ -109,7 +109,8 @@ class DMCSlice:
         self._buf = bytearray(result_nbytes(num_envs, offset))
         self._obs, self._reward, self._terminated, self._truncated = result_views(self._buf, num_envs, offset)
         self._steps = np.zeros(num_envs, dtype=np.int64)
-        self._first_limit = np.full(num_envs, np.inf)  # a spread start's shortened episode (`shorten`), else inf
+        # each env's current episode length: the limit, or less for a spread start's first episode (`shorten`)
+        self._episode_limit = np.full(num_envs, float(self._limit))
         # the models as loaded: a snapshot keeps the arrays a task changed since (`snapshot`)
         self._pristine = [copy.copy(env.physics.model.ptr) for env in self._envs]
         self._model_arrays = [name for name in dir(self._pristine[0])
@@ -143,7 +144,7 @@ class DMCSlice:
         """
         actions = np.frombuffer(payload, dtype=np.float64).reshape(len(self._envs), -1)
         for i, env in enumerate(self._envs):
-            total, limit = 0.0, min(self._limit, self._first_limit[i])
+            total, limit = 0.0, self._episode_limit[i]
             for _ in range(self._action_repeat):
                 ts = env.step(actions[i])
                 total += ts.reward
@@ -164,7 +165,7 @@ class DMCSlice:
         for i in np.flatnonzero(mask):
             ts = self._envs[i].reset()
             self._steps[i] = 0
-            self._first_limit[i] = np.inf
+            self._episode_limit[i] = self._limit
             self._write_obs(i, ts.observation)
         self._reward[mask] = 0.0
         self._terminated[mask] = False
@@ -182,14 +183,14 @@ class DMCSlice:
     def shorten(self, payload: Any) -> memoryview:
         """End each env's current episode as a time-out after the given number of control steps (int64, one per
         env; a spread start, `DMCEnv.randomize_episode_starts`); later episodes keep the full limit."""
-        self._first_limit[:] = np.frombuffer(payload, dtype=np.int64)
+        self._episode_limit[:] = np.minimum(self._limit, np.frombuffer(payload, dtype=np.int64))
         return memoryview(self._buf)
 
     def snapshot(self, payload: Any) -> bytes:
         """Every env's running episode (module docstring) as a pickled list of dicts of numpy arrays and numbers,
         for the parent (`DMCEnv.snapshot`), which turns them into tensors."""
         states = []
-        for env, pristine, steps, first in zip(self._envs, self._pristine, self._steps, self._first_limit, strict=True):
+        for env, pristine, steps, limit in zip(self._envs, self._pristine, self._steps, self._episode_limit, strict=True):
             model, data = env.physics.model.ptr, env.physics.data.ptr
             integration = np.empty(mujoco.mj_stateSize(model, _STATE))
             mujoco.mj_getState(model, data, integration, _STATE)
@@ -201,7 +202,7 @@ class DMCSlice:
             _, keys, pos, has_gauss, cached_gaussian = env.task.random.get_state()
             states.append({"integration": integration, "model": changed, "rng_keys": keys.astype(np.int64),
                            "rng": np.array([pos, has_gauss], dtype=np.int64), "rng_gaussian": float(cached_gaussian),
-                           "step_count": int(env._step_count), "steps": int(steps), "first_limit": float(first)})  # fmt: skip
+                           "step_count": int(env._step_count), "steps": int(steps), "episode_limit": float(limit)})  # fmt: skip
         return pickle.dumps(states)
 
     def restore(self, payload: Any) -> memoryview:
@@ -221,7 +222,7 @@ class DMCSlice:
                                        state["rng_gaussian"]))  # fmt: skip
             env._step_count, env._reset_next_step = state["step_count"], False
             self._steps[i] = state["steps"]
-            self._first_limit[i] = state.get("first_limit", np.inf)
+            self._episode_limit[i] = state["episode_limit"]
             self._write_obs(i, env.task.get_observation(env.physics))
         self._reward[:] = 0.0
         self._terminated[:] = False

@@ -46,7 +46,6 @@ from fasttd3_lora.loops.kit import (
     in_progress,
     saves_episodes,
     seed_everything,
-    start_episodes,
 )
 from fasttd3_lora.replay import NStepReplayBuffer
 
@@ -213,8 +212,7 @@ def run(cfg: DictConfig, fcfg: FastTD3Config, run_dir: str | Path, overrides: Se
                 if checkpoint_due:
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 if restart and not end:
-                    current = _observations(start_episodes(env, seed, counters.env_step))
-                    episode_return.start(env)
+                    current = _observations(episode_return.restart(env, seed, counters.env_step))
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
     return counters

@@ -162,18 +162,19 @@ def start_episodes(env: EnvBase, seed: int, env_step: int) -> TensorDict:
 
 
 class EpisodeReturns:
-    """Each training env's return so far, and which finished episodes a loop reports: after `start` on envs that
+    """Each training env's return so far, and which finished episodes a loop reports: after `restart` on envs that
     spread their episodes' clocks (`spreads_starts`) each env's first episode is cut short at random, so it is not
-    reported (neither is an episode cut by a checkpoint's restart: `start` drops it)."""
+    reported (neither is an episode cut by a checkpoint's restart: `restart` drops it)."""
 
     def __init__(self, num_envs: int, device: torch.device | str) -> None:
         self.sums = torch.zeros(num_envs, device=device)
         self.counted = torch.ones(num_envs, dtype=torch.bool, device=device)
 
-    def start(self, env: Any) -> None:
-        """Every env begins a new episode (`start_episodes`)."""
+    def restart(self, env: Any, seed: int, env_step: int) -> TensorDict:
+        """Every env begins a new episode (`start_episodes`, whose reset TensorDict this returns), its return at 0."""
         self.sums.zero_()
         self.counted.fill_(not spreads_starts(env))
+        return start_episodes(env, seed, env_step)
 
     def add(self, reward: Tensor, done: Tensor) -> tuple[Tensor, Tensor] | None:
         """Add one step's rewards (num_envs,); where episodes ended (`done`), (the returns of the reported ones, the
@@ -223,8 +224,7 @@ def continue_episodes(env: Any, saved: dict[str, Any] | None, seed: int, env_ste
     for row, state in zip(rows, [] if saved is None else saved["rows"], strict=saved is not None):
         row.load_state_dict(state)
     if saved is None or saved["env"] is None or not saves_episodes(env):
-        returns.start(env)
-        return start_episodes(env, seed, env_step)
+        return returns.restart(env, seed, env_step)
     returns.load_state_dict(saved["returns"])
     return env.restore_episodes(saved["env"])
 

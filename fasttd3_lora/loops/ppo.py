@@ -55,7 +55,6 @@ from fasttd3_lora.loops.kit import (
     in_progress,
     saves_episodes,
     seed_everything,
-    start_episodes,
 )
 from fasttd3_lora.mlp_policy import GaussianPolicy, ValueFunction
 from fasttd3_lora.normalization import RunningMeanStd
@@ -210,8 +209,7 @@ def run(cfg: DictConfig, pcfg: PPOConfig, run_dir: str | Path, overrides: Sequen
                 if checkpoint_due:
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 if restart:
-                    obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
-                    episode_return.start(env)
+                    obs = episode_return.restart(env, cfg.seed, counters.env_step)["observation"]
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
         if library is not None and pcfg.library_rank is not None and counters.env_step >= cfg.total_env_steps:

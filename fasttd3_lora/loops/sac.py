@@ -38,7 +38,6 @@ from fasttd3_lora.loops.kit import (
     in_progress,
     saves_episodes,
     seed_everything,
-    start_episodes,
 )
 from fasttd3_lora.replay import ReplayBuffer
 from fasttd3_lora.sac import SAC, SACConfig
@@ -147,8 +146,7 @@ def run(cfg: DictConfig, algo: SACConfig, run_dir: str | Path, overrides: Sequen
                 if checkpoint_due:
                     checkpoint(keep_copy=evaluation and cfg.keep_eval_checkpoints)
                 if cut and not end:
-                    obs = start_episodes(env, cfg.seed, counters.env_step)["observation"]
-                    episode_return.start(env)
+                    obs = episode_return.restart(env, cfg.seed, counters.env_step)["observation"]
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
     return counters
