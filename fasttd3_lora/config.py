@@ -301,6 +301,9 @@ def validate_config(cfg: DictConfig) -> None:
     if name not in options:
         raise _unknown("task.name", str(name), options, "configs/task/")
     int_in(cfg, "task.max_episode_steps", 1)
+    if family == "dmc" and boolean(cfg, "task.spread_starts") and get(cfg, "task.backend") != "dm_control":
+        raise ConfigError(f"task.spread_starts=true: allowed with task.backend=dm_control only (EnvPool's episodes "
+                          f"cannot be cut short here), got task.backend={get(cfg, 'task.backend')}")  # fmt: skip
 
     if get(cfg, "library.path") is not None and "library" not in entry.config.groups:
         raise ConfigError(f"library.path={get(cfg, 'library.path')}: a policy library trains with "

@@ -136,6 +136,8 @@ def test_run_dir_names_task_critic_and_seed() -> None:
         (["logger=tensorboard"], "logger='tensorboard': allowed one of none, wandb"),
         (["wandb.mode=shared"], "wandb.mode='shared': allowed one of offline, online, disabled"),
         (["save_buffer=maybe"], "save_buffer='maybe': allowed true or false"),
+        (["task.spread_starts=maybe"], "task.spread_starts='maybe': allowed true or false"),
+        (["task.spread_starts=true", "task.backend=envpool"], "task.spread_starts=true: allowed with task.backend=dm_control only"),
         (["critic=sparse", "scale.sparsity=1.0"], "scale.sparsity=1.0: allowed a number in [0.0, 1.0)"),
     ],
 )
