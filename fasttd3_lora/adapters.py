@@ -18,6 +18,7 @@ layer (`fasttd3_lora.lora.SphericalLoRALinear`) is the other kind that keeps it.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping
 
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from fasttd3_lora.hypersphere import SphericalLinear, check_ensemble, check_positive_int
 
-__all__ = ["INIT_B", "LINEAR_TYPES", "linear_maps", "lora_delta", "check_rank_alpha", "AdapterLayer", "LoRALinear", "add_adapters", "adapter_layers", "adapter_parameters"]
+__all__ = ["INIT_B", "LINEAR_TYPES", "linear_maps", "lora_delta", "check_rank_alpha", "AdapterLayer", "LoRALinear", "add_adapters", "adapted", "dense_merged", "adapter_layers", "adapter_parameters"]
 
 INIT_B = ("zeros", "gaussian", "mirror")  # mirror: A = 0 and B Kaiming-uniform (LoRASA's code)
 LINEAR_TYPES = (nn.Linear, SphericalLinear)  # the maps `add_adapters` can adapt
@@ -301,3 +302,20 @@ def add_adapters(
         setattr(parent, name, new)
         adapted.append(new)
     return adapted
+
+
+def adapted(layer: nn.Module, x: Tensor, adapter: int | Tensor) -> Tensor:
+    """`layer(x)`, with `adapter` (each row's, or one for all) where the layer carries adapters."""
+    return layer(x, adapter=adapter) if isinstance(layer, AdapterLayer) else layer(x)
+
+
+@torch.no_grad()
+def dense_merged(net: nn.Module, adapter: int) -> nn.Module:
+    """A copy of `net` in which every `LoRALinear` is replaced by its `dense_copy(adapter)` (adapter k merged
+    into a plain `nn.Linear`): what export deploys for one task or agent."""
+    merged = copy.deepcopy(net)
+    parents = [(parent, name, child) for parent in merged.modules() for name, child in parent.named_children()]
+    for parent, name, child in parents:
+        if isinstance(child, LoRALinear):
+            setattr(parent, name, child.dense_copy(adapter))
+    return merged

@@ -27,7 +27,7 @@ from fasttd3_lora.grpo import FULL as GRPO_FULL
 from fasttd3_lora.grpo import GaussianView, GRPOConfig, adapt
 from fasttd3_lora.mlp_policy import GaussianPolicy
 from fasttd3_lora.networks import DeterministicActor, TanhGaussianActor
-from fasttd3_lora.mappo import MAPPOConfig, SeparatePolicies
+from fasttd3_lora.mappo import MAPPOConfig, SeparatePolicies, policy_from_state_dict
 from fasttd3_lora.ppo import PPOConfig
 from fasttd3_lora.sac import SACConfig
 
@@ -71,11 +71,12 @@ def _mlp_policy(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int,
     return _adapted_policy(state, meta["config"].get("library", {}))
 
 
-def _adapted_policy(state: Mapping[str, Any], group: Mapping[str, Any]) -> GaussianPolicy:
-    """A `GaussianPolicy` from its state, with the rank and alpha its config group (`library`, `policy`) asked for."""
+def _adapted_policy(state: Mapping[str, Any], group: Mapping[str, Any],
+                    load: Callable[..., nn.Module] = GaussianPolicy.from_state_dict) -> nn.Module:  # fmt: skip
+    """A policy from its state (`load`: a `from_state_dict`), with the rank and alpha its config group (`library`,
+    `policy`) asked for."""
     rank, alpha = group.get("rank"), group.get("alpha")
-    return GaussianPolicy.from_state_dict(dict(state), alpha=None if alpha is None else float(alpha),
-                                          rank=rank if isinstance(rank, int) else None)  # fmt: skip
+    return load(dict(state), alpha=None if alpha is None else float(alpha), rank=rank if isinstance(rank, int) else None)
 
 
 def _grpo_policy(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int, act_dim: int) -> nn.Module:
@@ -97,7 +98,7 @@ def _mappo_actor(meta: Mapping[str, Any], state: Mapping[str, Any], obs_dim: int
     """MAPPO's actor as its saved state says: one shared network (with LoRASA's adapters, or not) or one per agent."""
     if any(key.startswith("policies.") for key in state):
         return SeparatePolicies.from_state_dict(dict(state))
-    return _adapted_policy(state, meta["config"].get("policy", {}))
+    return _adapted_policy(state, meta["config"].get("policy", {}), policy_from_state_dict)
 
 
 ALGORITHMS: dict[str, Algorithm] = {

@@ -364,7 +364,7 @@ def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
     ran: before the `precision` key, bf16 autocast was `algo.amp_bf16` (true/false); before `algo.use_cdq`, the
     FastTD3 target was always clipped double Q (and its `algo.actor_q` is kept); before the DMC family's
     `task.fasttd3`, a DMC run took the algo defaults; before EnvPool, DMC stepped dm_control (`task.backend`);
-    before `task.spread_starts`, DMC episodes all started whole."""
+    before `task.spread_starts`, DMC episodes all started whole; before `algo.recurrent`, MAPPO's actor was an MLP."""
     config, overrides = copy.deepcopy(dict(meta["config"])), list(meta.get("overrides", []))
     algo = config.get("algo", {})
     pinned: list[str] = []  # algo keys whose default changed since: the run keeps the value it ran with
@@ -375,6 +375,9 @@ def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
         pinned += FAMILY_KEYS  # before the DMC family had FastTD3 numbers, the algo defaults applied
     overrides += [f"algo.{key}={_override_literal(algo[key])}" for key in pinned
                   if key in algo and override_value(overrides, f"algo.{key}") is None]  # fmt: skip
+    if algo.get("name") == "mappo" and "recurrent" not in algo:  # the GRU's keys as configured now: unused by an MLP
+        defaults = OmegaConf.load(config_dir() / "algo" / "mappo.yaml")
+        algo.update(recurrent=False, rnn_hidden_dim=defaults.rnn_hidden_dim, chunk_length=defaults.chunk_length)
     task = config.get("task", {})
     if task.get("family") == "dmc" and "backend" not in task:  # before EnvPool, DMC was dm_control
         task["backend"] = "dm_control"

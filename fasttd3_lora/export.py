@@ -55,6 +55,8 @@ __all__ = [
     "OPSET",
     "INPUT_NAME",
     "OUTPUT_NAME",
+    "HIDDEN_INPUT",
+    "HIDDEN_OUTPUT",
     "METADATA_KEYS",
     "ExportError",
     "ExportResult",
@@ -79,6 +81,7 @@ DEPLOY_FORMAT = "fasttd3-lora-deploy/1"
 OPSET = 18
 INPUT_NAME = "obs"
 OUTPUT_NAME = "actions"
+HIDDEN_INPUT, HIDDEN_OUTPUT = "hidden", "next_hidden"  # a recurrent actor's state, in and out
 POLICY_FILE = "policy.onnx"
 DEPLOY_FILE = "deploy.yaml"
 EXPORT_DIR = "export"
@@ -98,6 +101,8 @@ class DeployPolicy(nn.Module):
 
     SAC's ``TanhGaussianActor`` gives ``tanh(mean)``, TD3's ``DeterministicActor`` its ``tanh`` output, so
     ``actions`` lie in [-1, 1] either way. ``obs_normalizer=None`` exports an actor trained on raw observations.
+    A recurrent actor (one with an ``rnn_dim``) takes its hidden state as a last input and returns the next one
+    as a second output (zeros at an episode's start; the caller feeds ``next_hidden`` back).
     """
 
     def __init__(self, actor: nn.Module, obs_normalizer: RunningMeanStd | None, obs_dim: int) -> None:
@@ -112,18 +117,37 @@ class DeployPolicy(nn.Module):
         self.actor = actor
         self.obs_normalizer = obs_normalizer
         self.obs_dim = obs_dim
+        self.rnn_dim: int | None = getattr(actor, "rnn_dim", None)
         # One dry run: checks that the actor takes obs_dim inputs and tells the action dimension.
         try:
             with torch.no_grad():
-                self.act_dim = int(self.forward(torch.zeros(1, obs_dim)).shape[-1])
+                out = self(*self.example_inputs(1))
+                self.act_dim = int((out[0] if self.rnn_dim else out).shape[-1])
         except RuntimeError as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ExportError(f"the actor does not take {obs_dim}-dim observations: {first}") from e
 
-    def forward(self, obs: Tensor) -> Tensor:
+    @property
+    def input_names(self) -> list[str]:
+        return [INPUT_NAME, *([HIDDEN_INPUT] if self.rnn_dim else [])]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [OUTPUT_NAME, *([HIDDEN_OUTPUT] if self.rnn_dim else [])]
+
+    def example_inputs(self, batch: int) -> tuple[Tensor, ...]:
+        """Zero inputs of `batch` rows, in `input_names` order."""
+        return (torch.zeros(batch, self.obs_dim), *([torch.zeros(batch, self.rnn_dim)] if self.rnn_dim else []))
+
+    def forward(self, obs: Tensor, hidden: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        return self._act(obs, (), hidden)
+
+    def _act(self, obs: Tensor, index: tuple[Tensor, ...], hidden: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
         if self.obs_normalizer is not None:
             obs = self.obs_normalizer(obs)
-        return self.actor.deterministic_action(obs)
+        if self.rnn_dim is None:
+            return self.actor.deterministic_action(obs, *index)
+        return self.actor.deterministic_action(obs, index[0] if index else None, hidden)
 
 
 class IndexedPolicy(DeployPolicy):
@@ -135,11 +159,18 @@ class IndexedPolicy(DeployPolicy):
         self.index_name, self.index_values = index_name, list(index_values)
         super().__init__(actor, obs_normalizer, obs_dim)
 
-    def forward(self, obs: Tensor, index: Tensor | None = None) -> Tensor:  # type: ignore[override]
-        if self.obs_normalizer is not None:
-            obs = self.obs_normalizer(obs)
+    @property
+    def input_names(self) -> list[str]:
+        names = super().input_names
+        return [names[0], self.index_name, *names[1:]]
+
+    def example_inputs(self, batch: int) -> tuple[Tensor, ...]:
+        obs, *hidden = super().example_inputs(batch)
+        return (obs, torch.zeros(batch, dtype=torch.long), *hidden)
+
+    def forward(self, obs: Tensor, index: Tensor | None = None, hidden: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:  # type: ignore[override]
         index = torch.zeros(obs.shape[0], dtype=torch.long) if index is None else index
-        return self.actor.deterministic_action(obs, index)
+        return self._act(obs, (index,), hidden)
 
 
 def _set_metadata(model: Any, metadata: Mapping[str, Any]) -> None:
@@ -162,20 +193,20 @@ def write_metadata(path: str | Path, metadata: Mapping[str, Any]) -> None:
 
 
 def export_onnx(policy: DeployPolicy, path: str | Path) -> Path:
-    """Write ``policy`` as an opset-18 ONNX model (input ``obs``, and the index input of an `IndexedPolicy`;
-    output ``actions``; dynamic batch axis); `write_metadata` adds the deploy facts once the model has passed its
-    check."""
+    """Write ``policy`` as an opset-18 ONNX model (its `input_names`: ``obs``, the index input of an
+    `IndexedPolicy`, a recurrent actor's ``hidden``; its `output_names`: ``actions`` and ``next_hidden``; dynamic
+    batch axis); `write_metadata` adds the deploy facts once the model has passed its check."""
     batch = torch.export.Dim("batch")
-    if isinstance(policy, IndexedPolicy):
-        examples = (torch.zeros(2, policy.obs_dim), torch.zeros(2, dtype=torch.long))
-        return export_graph(policy, examples, [INPUT_NAME, policy.index_name], ({0: batch}, {0: batch}), path)
-    return export_graph(policy, (torch.zeros(2, policy.obs_dim),), [INPUT_NAME], ({0: batch},), path)
+    examples = policy.example_inputs(2)
+    return export_graph(policy, examples, policy.input_names, tuple({0: batch} for _ in examples), path,
+                        policy.output_names)  # fmt: skip
 
 
 def export_graph(module: nn.Module, examples: tuple[Tensor, ...], input_names: Sequence[str],
-                 dynamic_shapes: tuple[dict[int, Any], ...], path: str | Path) -> Path:  # fmt: skip
-    """Any eval-mode `module` as an opset-18 ONNX model with output ``actions`` (the policy library's model takes
-    ``obs`` and ``task_id``), checked by onnx's checker."""
+                 dynamic_shapes: tuple[dict[int, Any], ...], path: str | Path,
+                 output_names: Sequence[str] = (OUTPUT_NAME,)) -> Path:  # fmt: skip
+    """Any eval-mode `module` as an opset-18 ONNX model (output ``actions`` by default; the policy library's model
+    takes ``obs`` and ``task_id``), checked by onnx's checker."""
     import onnx
 
     path = Path(path)
@@ -187,7 +218,7 @@ def export_graph(module: nn.Module, examples: tuple[Tensor, ...], input_names: S
             dynamo=True,
             opset_version=OPSET,
             input_names=list(input_names),
-            output_names=[OUTPUT_NAME],
+            output_names=list(output_names),
             dynamic_shapes=dynamic_shapes,
             external_data=False,
             verbose=False,
@@ -219,24 +250,34 @@ def sample_observations(
     return normalizer.mean.float() + normalizer.var.float().clamp_min(0).sqrt() * z
 
 
+RECURRENT_CHECK_STEPS = 3  # a recurrent model is checked over this many steps, each feeding its state back
+
+
 def verify_onnx(path: str | Path, policy: DeployPolicy, obs: Tensor, tolerance: float = 1e-4) -> float:
-    """Max |onnxruntime - PyTorch| over ``obs``; raises ``ExportError`` above ``tolerance``."""
+    """Max |onnxruntime - PyTorch| over ``obs`` (every output; a recurrent policy over `RECURRENT_CHECK_STEPS`
+    steps from zero states, each side feeding its own next state back); raises ``ExportError`` above
+    ``tolerance``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     obs32 = obs.detach().to(torch.float32).cpu()
-    inputs, args = {INPUT_NAME: obs32.numpy()}, (obs32,)
+    args = list(policy.example_inputs(len(obs32)))
+    args[0] = obs32
     if isinstance(policy, IndexedPolicy):  # every index, in turn over the rows
-        index = torch.arange(len(obs32)) % len(policy.index_values)
-        inputs[policy.index_name], args = index.numpy(), (obs32, index)
-    (onnx_actions,) = session.run([OUTPUT_NAME], inputs)
-    with torch.no_grad():
-        torch_actions = policy.eval()(*args).numpy()
-    if onnx_actions.shape != torch_actions.shape:
-        raise ExportError(f"onnxruntime returned shape {onnx_actions.shape}, PyTorch {torch_actions.shape}")
-    diff = float(np.max(np.abs(onnx_actions - torch_actions)))
-    if not math.isfinite(diff) or diff > tolerance:
-        raise ExportError(f"{path}: onnxruntime and PyTorch differ by {diff:.3g} > tolerance {tolerance:g}")
+        args[1] = torch.arange(len(obs32)) % len(policy.index_values)
+    onnx_args, diff = list(args), 0.0
+    for _ in range(RECURRENT_CHECK_STEPS if policy.rnn_dim else 1):
+        onnx_out = session.run(policy.output_names, {n: a.numpy() for n, a in zip(policy.input_names, onnx_args)})
+        with torch.no_grad():
+            torch_out = policy.eval()(*args)
+        torch_out = [t.numpy() for t in (torch_out if policy.rnn_dim else (torch_out,))]
+        for mine, theirs in zip(onnx_out, torch_out):
+            if mine.shape != theirs.shape:
+                raise ExportError(f"onnxruntime returned shape {mine.shape}, PyTorch {theirs.shape}")
+            diff = max(diff, float(np.max(np.abs(mine - theirs))))
+        if not math.isfinite(diff) or diff > tolerance:
+            raise ExportError(f"{path}: onnxruntime and PyTorch differ by {diff:.3g} > tolerance {tolerance:g}")
+        args[-1], onnx_args[-1] = torch.from_numpy(torch_out[-1]), torch.from_numpy(onnx_out[-1])  # the next states
     return diff
 
 
@@ -357,7 +398,10 @@ def deploy_metadata(
         "training": {"env_step": int(counters.get("env_step", 0)), "agent_step": int(counters.get("agent_step", 0))},
         "model": {"file": POLICY_FILE, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
                   "dtype": "float32", "input_shape": ["batch", policy.obs_dim],
-                  "output_shape": ["batch", policy.act_dim]},  # fmt: skip
+                  "output_shape": ["batch", policy.act_dim],
+                  "recurrent_state": None if not policy.rnn_dim else {
+                      "input": HIDDEN_INPUT, "output": HIDDEN_OUTPUT, "dtype": "float32", "shape": ["batch", policy.rnn_dim],
+                      "use": "zeros at each episode's start; feed next_hidden back as hidden at the next step"}},  # fmt: skip
         "index": None if not isinstance(policy, IndexedPolicy) else {
             "input": policy.index_name, "dtype": "int64", "shape": ["batch"], "values": policy.index_values,
             "per_value_models": {v: f"policy_{path_safe(v)}.onnx" for v in policy.index_values},

@@ -13,17 +13,16 @@ their linear maps can carry LoRA adapters (`fasttd3_lora.adapters`) and a batch 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fasttd3_lora.adapters import AdapterLayer, add_adapters
+from fasttd3_lora.adapters import add_adapters, adapted, dense_merged
 from fasttd3_lora.hypersphere import check_positive_int
 
-__all__ = ["MLP", "GaussianPolicy", "ValueFunction", "task_rows"]
+__all__ = ["MLP", "GaussianPolicy", "ValueFunction", "task_rows", "log_std_rows", "merged_policy"]
 
 Task = int | Tensor | None  # None: task 0 for every row; an int: one task for every row; (batch,) long: per row
 
@@ -35,6 +34,20 @@ def task_rows(task: Task, batch: int, device: torch.device) -> Tensor | int:
     if isinstance(task, Tensor) and tuple(task.shape) != (batch,):
         raise ValueError(f"task must be an int or a ({batch},) long tensor, got shape {tuple(task.shape)}")
     return task.to(device) if isinstance(task, Tensor) else task
+
+
+def log_std_rows(log_std: Tensor, rows: Tensor | int, mean: Tensor) -> Tensor:
+    """Each row's log-std from a (num_tasks, act_dim) table, shaped like `mean`."""
+    return log_std[rows] if isinstance(rows, Tensor) else log_std[rows].expand_as(mean)
+
+
+@torch.no_grad()
+def merged_policy(policy: nn.Module, k: int) -> nn.Module:
+    """A plain copy of a policy with per-row adapters and log-stds computing row index k's map: each adapted
+    layer replaced by adapter k merged into an `nn.Linear`, log-std row k (export of one task's or agent's policy)."""
+    merged = dense_merged(policy, k)
+    merged.log_std = nn.Parameter(policy.log_std[k : k + 1].clone())
+    return merged.eval()
 
 
 class MLP(nn.Module):
@@ -50,7 +63,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, adapter: int | Tensor = 0) -> Tensor:
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, adapter=adapter) if isinstance(layer, AdapterLayer) else layer(x)
+            x = adapted(layer, x, adapter)
             if i < last:
                 x = F.elu(x)
         return x
@@ -77,22 +90,15 @@ class GaussianPolicy(nn.Module):
         """`(mean, log_std)`, both (batch, act_dim)."""
         rows = task_rows(task, obs.shape[0], obs.device)
         mean = self.mean_net(obs, adapter=rows)
-        log_std = self.log_std[rows] if isinstance(rows, Tensor) else self.log_std[rows].expand_as(mean)
-        return mean, log_std
+        return mean, log_std_rows(self.log_std, rows, mean)
 
     def deterministic_action(self, obs: Tensor, task: Task = None) -> Tensor:
         """The clipped mean: evaluation's and export's action, in [-1, 1]."""
         return self.mean_net(obs, adapter=task_rows(task, obs.shape[0], obs.device)).clamp(-1.0, 1.0)
 
-    @torch.no_grad()
     def merged(self, k: int) -> "GaussianPolicy":
-        """A plain policy computing row index k's map: each adapted layer replaced by adapter k merged into an
-        `nn.Linear`, log-std row k (export of one task's or one agent's policy)."""
-        merged = GaussianPolicy(self.obs_dim, self.act_dim, self.hidden_dims)
-        for i, layer in enumerate(self.mean_net.layers):
-            merged.mean_net.layers[i] = layer.dense_copy(k) if isinstance(layer, AdapterLayer) else copy.deepcopy(layer)
-        merged.log_std.copy_(self.log_std[k : k + 1])
-        return merged.eval()
+        """A plain policy computing row index k's map (`merged_policy`)."""
+        return merged_policy(self, k)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Tensor], alpha: float | None = None,

@@ -240,11 +240,14 @@ def test_the_report_names_each_policy_mode(shared_run, lorasa_run, tmp_path) -> 
     assert "(n=1)" in row and shared_eval["env_step"] == 160
 
 
-@pytest.mark.parametrize("mode", ["shared", "separate"])
+@pytest.mark.parametrize("mode", ["shared", "separate", "shared-recurrent"])
 def test_mappo_learns_to_balance_from_scratch(mode, tmp_path) -> None:
     """balance: 3 agents carry a package to a goal without dropping it; doing nothing scores about -1.5, uniform
-    random actions about -13. 51,200 steps (under a minute) lift the team return far above a fresh policy's."""
-    overrides = ["algo=mappo", "task=vmas/balance", f"policy={mode}", "total_env_steps=51200", "precision=fp32"]
+    random actions about -13. 51,200 steps (under a minute) lift the team return far above a fresh policy's (the
+    recurrent actor too, its rollouts of 25 steps cut into chunks of 5)."""
+    policy, _, recurrent = mode.partition("-")
+    overrides = ["algo=mappo", "task=vmas/balance", f"policy={policy}", "total_env_steps=51200", "precision=fp32",
+                 *(["algo.recurrent=true", "algo.chunk_length=5"] if recurrent else [])]  # fmt: skip
     train_one_thread(overrides, tmp_path / mode)
     cfg = MAPPOConfig.from_hydra(compose_config(overrides))
     env = VMASEnv("vmas/balance", 32)

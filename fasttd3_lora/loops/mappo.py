@@ -41,10 +41,11 @@ from fasttd3_lora.loops.kit import (
     restore_on_policy,
     seed_everything,
 )
-from fasttd3_lora.mappo import MAPPO, MAPPOConfig, adapt_lorasa, make_actor
-from fasttd3_lora.mlp_policy import GaussianPolicy, ValueFunction
+from fasttd3_lora.mappo import MAPPO, MAPPOConfig, adapt_lorasa, make_actor, policy_from_state_dict
+from fasttd3_lora.mlp_policy import ValueFunction
 from fasttd3_lora.normalization import RunningMeanStd
 from fasttd3_lora.ppo import gae
+from fasttd3_lora.recurrent import reset_hidden
 
 __all__ = ["build", "team_returns", "run"]
 
@@ -57,7 +58,8 @@ def build(cfg: MAPPOConfig, env: Any, device: torch.device, generator: torch.Gen
     critic = ValueFunction(env.state_dim, cfg.critic_hidden_dims, num_tasks=env.num_agents)
     statistics = (RunningMeanStd(env.obs_dim), RunningMeanStd(env.state_dim))
     if cfg.policy_mode != "lorasa":
-        actor = make_actor(cfg.policy_mode, env.obs_dim, env.act_dim, cfg.actor_hidden_dims, env.num_agents, cfg.init_std)
+        actor = make_actor(cfg.policy_mode, env.obs_dim, env.act_dim, cfg.actor_hidden_dims, env.num_agents, cfg.init_std,
+                           cfg.rnn_hidden_dim if cfg.recurrent else None)  # fmt: skip
         return MAPPO(cfg, actor, critic, *statistics, mask, device, generator)
     try:
         path = resolve_checkpoint(cfg.policy_from, key="policy.from")
@@ -71,7 +73,10 @@ def build(cfg: MAPPOConfig, env: Any, device: torch.device, generator: torch.Gen
     if saved.get("algo", {}).get("name") != "mappo" or saved.get("policy", {}).get("mode") != "shared":
         raise ConfigError(f"policy.from={cfg.policy_from}: LoRASA's phase 2 starts from a policy=shared MAPPO run; "
                           f"this is algo={saved.get('algo', {}).get('name')}, policy={saved.get('policy', {}).get('mode')}")  # fmt: skip
-    phase1 = MAPPO(saved_config(cfg), GaussianPolicy.from_state_dict(state["agent"]["actor"]), critic, *statistics,
+    if saved.get("algo", {}).get("recurrent", False) != cfg.recurrent:
+        raise ConfigError(f"policy.from={cfg.policy_from}: its actor has algo.recurrent="
+                          f"{saved.get('algo', {}).get('recurrent', False)}, this run asks for {cfg.recurrent}")  # fmt: skip
+    phase1 = MAPPO(saved_config(cfg), policy_from_state_dict(state["agent"]["actor"]), critic, *statistics,
                    mask, device, generator)  # fmt: skip
     try:
         phase1.load_state_dict({**state["agent"], "optimizer": phase1.optimizer.state_dict()})
@@ -97,11 +102,14 @@ def team_returns(agent: MAPPO, env: Any, seed: int) -> Tensor:
     obs = env.reset().obs
     returns = torch.zeros(env.num_envs, device=env.device)  # on the env's device: Isaac Lab's rewards are CUDA
     running = torch.ones(env.num_envs, dtype=torch.bool, device=env.device)
+    hidden = agent.initial_hidden(env.num_envs)
     while bool(running.any()):
-        out = env.step(agent.act(obs, deterministic=True))
+        actions, hidden = agent.act(obs, hidden, deterministic=True)
+        out = env.step(actions)
         returns += out.reward.mean(-1) * running
         running &= ~(out.terminated | out.truncated)
-        obs = out.obs
+        obs = out.obs  # an env that ended starts again (its return no longer counts): so does its hidden state
+        hidden = None if hidden is None else reset_hidden(hidden, ~running.to(hidden.device))
     return returns
 
 
@@ -137,6 +145,7 @@ def run(cfg: DictConfig, mcfg: MAPPOConfig, run_dir: str | Path, overrides: Sequ
             checkpoint()
         env.set_seed(episode_seed(cfg.seed, counters.env_step, stream=0))
         obs, state = env.reset()
+        hidden, first = agent.initial_hidden(num_envs), torch.ones(num_envs, dtype=torch.bool)  # recurrent actors
         team_return = torch.zeros(num_envs, device=env.device)
         metrics = UpdateMetrics()
         row_step, row_time = counters.env_step, time.monotonic()
@@ -144,9 +153,10 @@ def run(cfg: DictConfig, mcfg: MAPPOConfig, run_dir: str | Path, overrides: Sequ
             while counters.env_step < cfg.total_env_steps:
                 steps, finished = [], []
                 for _ in range(num_steps):
-                    out = agent.explore(obs, state)
+                    out = agent.explore(obs, state, hidden, first)
                     result = env.step(out["action"].clamp(-1.0, 1.0))
                     done = result.terminated | result.truncated
+                    hidden, first = out.pop("next_hidden", None), done
                     out["reward"], out["terminated"], out["done"] = result.reward, result.terminated, done
                     out["next_state"] = result.final_state
                     steps.append(out)
@@ -169,8 +179,8 @@ def run(cfg: DictConfig, mcfg: MAPPOConfig, run_dir: str | Path, overrides: Sequ
                                           next_values.flatten(1), per_agent(rollout["terminated"]).flatten(1),
                                           per_agent(rollout["done"]).flatten(1), mcfg.gamma, mcfg.gae_lambda)  # fmt: skip
                 rollout["advantage"], rollout["return"] = advantages.view(t, n, m), returns.view(t, n, m)
-                flat = rollout.exclude("next_state", "reward", "terminated", "done").reshape(-1)
-                metrics.add([agent.update(flat)], counters.env_step, agent.num_updates)
+                metrics.add([agent.update(rollout.exclude("next_state", "reward", "terminated", "done"))], counters.env_step,
+                            agent.num_updates)  # fmt: skip
 
                 now = time.monotonic()
                 row = {"sps": (counters.env_step - row_step) / max(now - row_time, 1e-9), **metrics.pop_means()}
@@ -188,6 +198,7 @@ def run(cfg: DictConfig, mcfg: MAPPOConfig, run_dir: str | Path, overrides: Sequ
                 if restart:
                     env.set_seed(episode_seed(cfg.seed, counters.env_step, stream=0))
                     obs, state = env.reset()
+                    first = torch.ones(num_envs, dtype=torch.bool)
                     team_return.zero_()
                 row_time += time.monotonic() - paused
                 record.progress.update(counters.env_step)
