@@ -37,6 +37,9 @@ FIGURES: dict[str, tuple[str, Callable[[Path, Path], None]]] = {
     "docs/mappo/lorasa_mamujoco-HalfCheetah-2x3.png": (
         "docs/mappo/lorasa_curves_mamujoco-HalfCheetah-2x3.csv",
         functools.partial(plot_curves, title="MAPPO on mamujoco/HalfCheetah-2x3: PS, NPS, LoRASA")),
+    "docs/mappo/lorasa_mamujoco-HalfCheetah-2x3-gru.png": (
+        "docs/mappo/lorasa_curves_mamujoco-HalfCheetah-2x3-gru.csv",
+        functools.partial(plot_curves, title="MAPPO with GRU actors on mamujoco/HalfCheetah-2x3: PS, NPS, LoRASA")),
 }  # fmt: skip
 # README figures drawn before this script existed, from runs whose metrics were not committed
 WITHOUT_DATA = {

@@ -36,6 +36,8 @@ EXPECTED_JOBS = {
     "library_walker_single": 3 * 8,
     "library_walker_scratch": 3 * 8,
     "drift": 3 * 6,  # seeds x ranks (full included)
+    "lorasa_halfcheetah": 5 * 2,  # seeds x (PS, NPS)
+    "lorasa_halfcheetah_phase2": 5,  # LoRASA from each seed's PS run
 }
 # What a preset needs from the command line (docs/library.md, docs/drift.md): a base run, a run to fine-tune.
 REQUIRED = {"library_walker": ["library.base=/runs/base"], "library_walker_single": ["library.base=/runs/base"],
@@ -85,6 +87,17 @@ def test_preset_values_reach_the_job_config() -> None:
     isaac = compose_config(["experiment=isaaclab", "task=Isaac-Velocity-Flat-G1-v0", "critic=lora"])
     assert isaac.algo.name == "fasttd3" and isaac.device == "cuda"
     assert compose_config(["experiment=dmc_hard", "task=dmc/dog-run"]).algo.name == "sac"
+
+
+def test_lorasa_phase_two_starts_from_phase_ones_shared_run_of_its_seed_at_the_half() -> None:
+    """Phase 1 keeps the checkpoint at 6M (an evaluation and a checkpoint step) where phase 2 looks for it."""
+    first = compose_config(["experiment=lorasa_halfcheetah", "policy=shared", "seed=3"], with_hydra=True)
+    second = compose_config(["experiment=lorasa_halfcheetah_phase2", "seed=3"], with_hydra=True)
+    half = second.total_env_steps
+    assert first.total_env_steps == 2 * half and first.keep_eval_checkpoints and first.algo.recurrent
+    assert half % first.eval_every == 0 and half % first.checkpoint_every == 0
+    source = Path(first.hydra.sweep.dir) / first.hydra.sweep.subdir / "checkpoints" / f"step_{half}.pt"
+    assert second.policy["from"] == str(source) and second.algo.recurrent and second.policy.mode == "lorasa"
 
 
 def test_command_line_replaces_a_sweep_axis() -> None:
