@@ -147,19 +147,21 @@ def test_the_task_selects_mappo_with_isaac_labs_own_recipe() -> None:
         compose_config(["task=Isaac-Pendulum-MARL-Direct", "algo=sac"])
 
 
-def test_mappo_trains_on_the_stand_in_evaluating_on_its_one_env_and_resumes_exactly(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("actor", ["mlp", "gru"])
+def test_mappo_trains_on_the_stand_in_evaluating_on_its_one_env_and_resumes_exactly(actor, tmp_path, monkeypatch) -> None:
+    tiny = [*TINY, *(["algo.recurrent=true", "algo.rnn_hidden_dim=8", "algo.chunk_length=3"] if actor == "gru" else [])]
     made: list = []
     _stand_in_factory(monkeypatch, made)
-    whole = train_one_thread(TINY, tmp_path / "whole")
+    whole = train_one_thread(tiny, tmp_path / "whole")
     assert made == [("Isaac-Cart-Double-Pendulum-Direct-v0", 8, None)]  # one env: evaluation runs on it
     assert whole.env_step == 192 and whole.last_eval_return is not None
     state = load_checkpoint(tmp_path / "whole" / "checkpoints" / "latest.pt")
     assert state["meta"]["env"]["observation"]["dim"] == 4
     crash_at(monkeypatch, 144)
     with pytest.raises(Crash):
-        train_one_thread(TINY, tmp_path / "broken")
+        train_one_thread(tiny, tmp_path / "broken")
     monkeypatch.undo()
     _stand_in_factory(monkeypatch, made)
-    resumed = train_one_thread([*TINY, f"resume={tmp_path / 'broken'}"], tmp_path / "broken")
+    resumed = train_one_thread([*tiny, f"resume={tmp_path / 'broken'}"], tmp_path / "broken")
     assert (resumed.env_step, resumed.last_eval_return) == (whole.env_step, whole.last_eval_return)
     assert_same_agent(tmp_path / "whole", tmp_path / "broken", ("actor", "critic", "obs_rms", "state_rms", "value_rms"))
