@@ -166,9 +166,6 @@ class SeparatePolicies(nn.Module):
     def rnn_dim(self) -> int | None:
         return getattr(self.policies[0], "rnn_dim", None)
 
-    def initial_hidden(self, batch: int, device: torch.device | None = None) -> Tensor:
-        return self.policies[0].initial_hidden(batch, device)
-
     def forward(self, obs: Tensor, task: Task = None, *state: Tensor) -> tuple[Tensor, ...]:
         if task is None or not isinstance(task, Tensor):
             return self.policies[0 if task is None else task](obs, None, *state)

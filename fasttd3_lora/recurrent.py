@@ -12,7 +12,7 @@ is recomputed for truncated backpropagation through time (`unroll`), so both see
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +135,10 @@ class RecurrentGaussianPolicy(nn.Module):
         return policy
 
 
-def unroll(policy: nn.Module, obs: Tensor, first: Tensor, hidden: Tensor, task: Task = None) -> tuple[Tensor, Tensor]:
-    """A recurrent policy over a chunk of steps from a stored start state: `obs` (L, B, D), `first` (L, B) (an
+def unroll(policy: Callable[..., tuple[Tensor, Tensor, Tensor]], obs: Tensor, first: Tensor, hidden: Tensor,
+           task: Task = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """A recurrent policy (or any `(obs, task, hidden) -> (mean, log_std, next hidden)` callable) over a chunk of
+    steps from a stored start state: `obs` (L, B, D), `first` (L, B) (an
     episode starts at that step: the state is zeroed before it), `hidden` (B, H) the state before step 0 (as the
     rollout stored it). Returns the means and log-stds (L, B, act_dim), each step's as the rollout computed it."""
     means, log_stds = [], []
