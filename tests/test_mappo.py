@@ -240,20 +240,26 @@ def test_the_report_names_each_policy_mode(shared_run, lorasa_run, tmp_path) -> 
     assert "(n=1)" in row and shared_eval["env_step"] == 160
 
 
-@pytest.mark.parametrize("mode", ["shared", "separate", "shared-recurrent"])
+@pytest.mark.parametrize("mode", ["shared", "separate", "shared-recurrent", "lorasa"])
 def test_mappo_learns_to_balance_from_scratch(mode, tmp_path) -> None:
     """balance: 3 agents carry a package to a goal without dropping it; doing nothing scores about -1.5, uniform
     random actions about -13. 51,200 steps (under a minute) lift the team return far above a fresh policy's (the
-    recurrent actor too, its rollouts of 25 steps cut into chunks of 5)."""
+    recurrent actor too, its rollouts of 25 steps cut into chunks of 5; LoRASA as phase 2 of a PS run, half the
+    steps each, at equal total steps)."""
     policy, _, recurrent = mode.partition("-")
-    overrides = ["algo=mappo", "task=vmas/balance", f"policy={policy}", "total_env_steps=51200", "precision=fp32",
-                 *(["algo.recurrent=true", "algo.chunk_length=5"] if recurrent else [])]  # fmt: skip
+    base = ["algo=mappo", "task=vmas/balance", "precision=fp32",
+            *(["algo.recurrent=true", "algo.chunk_length=5"] if recurrent else [])]  # fmt: skip
+    fresh_overrides = [*base, f"policy={'shared' if policy == 'lorasa' else policy}"]
+    if policy == "lorasa":
+        train_one_thread([*fresh_overrides, "total_env_steps=25600"], tmp_path / "phase1")
+        overrides = [*base, "policy=lorasa", f"policy.from={tmp_path / 'phase1'}", "total_env_steps=25600"]
+    else:
+        overrides = [*fresh_overrides, "total_env_steps=51200"]
     train_one_thread(overrides, tmp_path / mode)
-    cfg = MAPPOConfig.from_hydra(compose_config(overrides))
     env = VMASEnv("vmas/balance", 32)
     torch.manual_seed(0)
-    fresh = build(cfg, env, torch.device("cpu"), torch.Generator().manual_seed(0))
-    trained = build(cfg, env, torch.device("cpu"), torch.Generator().manual_seed(0))
+    fresh = build(MAPPOConfig.from_hydra(compose_config(fresh_overrides)), env, torch.device("cpu"), torch.Generator().manual_seed(0))
+    trained = build(MAPPOConfig.from_hydra(compose_config(overrides)), env, torch.device("cpu"), torch.Generator().manual_seed(0))
     trained.load_state_dict(load_checkpoint(tmp_path / mode / "checkpoints" / "latest.pt")["agent"])
     returns = {name: team_returns(agent, env, seed=123).mean().item()
                for name, agent in (("start", fresh), ("end", trained))}  # fmt: skip
