@@ -377,7 +377,8 @@ def upgrade_saved(meta: Mapping[str, Any]) -> dict[str, Any]:
                   if key in algo and override_value(overrides, f"algo.{key}") is None]  # fmt: skip
     if algo.get("name") == "mappo" and "recurrent" not in algo:  # the GRU's keys as configured now: unused by an MLP
         defaults = OmegaConf.load(config_dir() / "algo" / "mappo.yaml")
-        algo.update(recurrent=False, rnn_hidden_dim=defaults.rnn_hidden_dim, chunk_length=defaults.chunk_length)
+        algo.update(recurrent=False, rnn_hidden_dim=defaults.rnn_hidden_dim, chunk_length=defaults.chunk_length,
+                    rnn_after_dims=list(defaults.rnn_after_dims))  # fmt: skip
     task = config.get("task", {})
     if task.get("family") == "dmc" and "backend" not in task:  # before EnvPool, DMC was dm_control
         task["backend"] = "dm_control"

@@ -77,6 +77,7 @@ class MAPPOConfig(AlgorithmConfig):
     critic_hidden_dims: tuple[int, ...]
     recurrent: bool
     rnn_hidden_dim: int
+    rnn_after_dims: tuple[int, ...]
     chunk_length: int
     policy_mode: str
     policy_from: str | None
@@ -90,6 +91,9 @@ class MAPPOConfig(AlgorithmConfig):
         if self.recurrent and self.num_steps % self.chunk_length:
             raise ValueError(f"algo.chunk_length={self.chunk_length}: a recurrent actor's rollout of algo.num_steps="
                              f"{self.num_steps} steps must cut into whole chunks (a divisor of {self.num_steps})")  # fmt: skip
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.rnn_after_dims):
+            raise ValueError(f"algo.rnn_after_dims={list(self.rnn_after_dims)}: allowed a list of integers >= 1 "
+                             "(the widths of the layers after the GRU; [] for none)")  # fmt: skip
         units = self.num_envs * self.num_steps // (self.chunk_length if self.recurrent else 1)
         if units < self.num_minibatches:
             raise ValueError(f"algo.num_minibatches={self.num_minibatches}: a rollout holds {units} "
@@ -199,14 +203,14 @@ def policy_from_state_dict(state: dict[str, Tensor], alpha: float | None = None,
 
 
 def make_actor(mode: str, obs_dim: int, act_dim: int, hidden: Sequence[int], num_agents: int, init_std: float,
-               rnn_dim: int | None = None) -> Actor | SeparatePolicies:  # fmt: skip
+               rnn_dim: int | None = None, after_dims: Sequence[int] = ()) -> Actor | SeparatePolicies:  # fmt: skip
     """A fresh actor of a mode: one shared network (per-agent log-std) or one network per agent; recurrent with a
-    GRU of `rnn_dim` units where given."""
+    GRU of `rnn_dim` units, then layers of `after_dims`, where `rnn_dim` is given."""
 
     def policy(num_tasks: int) -> Actor:
         if rnn_dim is None:
             return GaussianPolicy(obs_dim, act_dim, hidden, init_std, num_tasks=num_tasks)
-        return RecurrentGaussianPolicy(obs_dim, act_dim, hidden, rnn_dim, init_std, num_tasks=num_tasks)
+        return RecurrentGaussianPolicy(obs_dim, act_dim, hidden, rnn_dim, init_std, num_tasks, after_dims)
 
     if mode == "separate":
         return SeparatePolicies([policy(1) for _ in range(num_agents)])

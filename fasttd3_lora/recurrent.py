@@ -1,5 +1,6 @@
 """The recurrent Gaussian actor (MAPPO's `algo.recurrent=true`; docs/mappo.md): the MAPPO code base's recurrent
-policy, `obs -> MLP (ELU) -> GRU -> linear mean head`, with one learnable log-std row per task or agent.
+policy, `obs -> MLP (ELU) -> GRU -> MLP (the layers after the GRU, ELU) -> linear mean head`, with one learnable
+log-std row per task or agent.
 
 The GRU is written out (`gru_step`, PyTorch's `nn.GRUCell` equations) over two plain linear maps, the input map
 `x -> 3H` and the hidden map `h -> 3H`, so that LoRASA's adapters sit on them as on every other linear map of the
@@ -61,11 +62,12 @@ class GRUCell(nn.Module):
 
 
 class RecurrentGaussianPolicy(nn.Module):
-    """A diagonal Gaussian over actions whose mean reads the observation through an MLP, a GRU and a linear head
-    (module docstring); `forward(obs, task, hidden) -> (mean, log_std, next hidden)`, one step of a batch."""
+    """A diagonal Gaussian over actions whose mean reads the observation through an MLP (`hidden_dims`), a GRU
+    (`rnn_dim`) and a head MLP (`after_dims`, then the action mean; module docstring); `forward(obs, task, hidden)
+    -> (mean, log_std, next hidden)`, one step of a batch."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dims: Sequence[int], rnn_dim: int, init_std: float = 1.0,
-                 num_tasks: int = 1) -> None:  # fmt: skip
+                 num_tasks: int = 1, after_dims: Sequence[int] = ()) -> None:  # fmt: skip
         super().__init__()
         if not hidden_dims:
             raise ValueError("a recurrent actor needs at least one MLP layer before its GRU (hidden_dims is empty)")
@@ -73,9 +75,10 @@ class RecurrentGaussianPolicy(nn.Module):
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
         self.obs_dim, self.act_dim, self.hidden_dims, self.rnn_dim = obs_dim, act_dim, tuple(hidden_dims), rnn_dim
+        self.after_dims = tuple(after_dims)
         self.trunk = MLP(obs_dim, hidden_dims[:-1], hidden_dims[-1])  # ELU after its last layer too (`_mean`)
         self.gru = GRUCell(hidden_dims[-1], rnn_dim)
-        self.head = nn.Linear(rnn_dim, act_dim)
+        self.head = MLP(rnn_dim, after_dims, act_dim)
         self.log_std = nn.Parameter(torch.full((num_tasks, act_dim), math.log(init_std)))
 
     @property
@@ -88,7 +91,7 @@ class RecurrentGaussianPolicy(nn.Module):
 
     def _mean(self, obs: Tensor, hidden: Tensor, rows: int | Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.gru(F.elu(self.trunk(obs, adapter=rows)), hidden, rows)
-        return adapted(self.head, hidden, rows), hidden
+        return self.head(hidden, adapter=rows), hidden
 
     def forward(self, obs: Tensor, task: Task = None, hidden: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """`(mean, log_std, next hidden)`: (batch, act_dim) twice and (batch, rnn_dim); `hidden=None` starts
@@ -119,14 +122,19 @@ class RecurrentGaussianPolicy(nn.Module):
         `GaussianPolicy.from_state_dict`: rank None is the widest adapter's, alpha None is alpha = rank), loaded
         strictly."""
         weight = lambda name: state.get(f"{name}.weight", state.get(f"{name}.base"))  # noqa: E731
-        trunk = []
-        while weight(f"trunk.layers.{len(trunk)}") is not None:
-            trunk.append(weight(f"trunk.layers.{len(trunk)}").shape[0])
-        head, hidden_map = weight("head"), weight("gru.hidden_map")
-        if not trunk or head is None or hidden_map is None:
-            raise ValueError("not a RecurrentGaussianPolicy state dict (no trunk.layers.0, gru.hidden_map or head)")
+
+        def widths(mlp: str) -> list[int]:  # each layer's output width
+            out = []
+            while (w := weight(f"{mlp}.layers.{len(out)}")) is not None:
+                out.append(w.shape[0])
+            return out
+
+        trunk, head, hidden_map = widths("trunk"), widths("head"), weight("gru.hidden_map")
+        if not trunk or not head or hidden_map is None:
+            raise ValueError("not a RecurrentGaussianPolicy state dict (no trunk.layers.0, gru.hidden_map or head.layers.0)")
         obs_dim = weight("trunk.layers.0").shape[1]
-        policy = cls(obs_dim, head.shape[0], trunk, hidden_map.shape[1], num_tasks=state["log_std"].shape[0])
+        policy = cls(obs_dim, head[-1], trunk, hidden_map.shape[1], num_tasks=state["log_std"].shape[0],
+                     after_dims=head[:-1])  # fmt: skip
         ranks = [a.shape[1] for key, a in state.items() if key.endswith("lora_A")]  # (num_adapters, rank, in)
         if ranks:
             adapters = next(a.shape[0] for key, a in state.items() if key.endswith("lora_A"))

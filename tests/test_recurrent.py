@@ -32,7 +32,7 @@ from fasttd3_lora.tasks.vmas import VMASEnv
 from test_mappo import TINY
 from tiny_runs import assert_same_agent, crash_and_resume, train_one_thread
 
-RECURRENT = [*TINY, "algo.recurrent=true", "algo.rnn_hidden_dim=8", "algo.chunk_length=5"]
+RECURRENT = [*TINY, "algo.recurrent=true", "algo.rnn_hidden_dim=8", "algo.rnn_after_dims=[6]", "algo.chunk_length=5"]
 
 
 # ---------------------------------------------------------------------------------------------- the actor
@@ -70,14 +70,14 @@ def _sequence(actor: nn.Module, obs: torch.Tensor, agent: torch.Tensor) -> tuple
 
 def test_lorasa_adapts_every_map_of_a_recurrent_actor_and_a_zero_adapter_is_the_shared_actor() -> None:
     torch.manual_seed(0)
-    actor = make_actor("shared", 6, 3, [8, 8], num_agents=3, init_std=0.5, rnn_dim=5)
+    actor = make_actor("shared", 6, 3, [8, 8], num_agents=3, init_std=0.5, rnn_dim=5, after_dims=[7])
     obs, agent = torch.randn(4, 12, 6), torch.arange(12) % 3
     before = _sequence(actor, obs, agent)
     adapt_lorasa(actor, rank=2, alpha=2.0)
     after = _sequence(actor, obs, agent)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])  # A = 0: the same maps, exactly
-    maps = [*actor.trunk.layers, actor.gru.input_map, actor.gru.hidden_map, actor.head]
-    assert all(isinstance(m, LoRALinear) for m in maps) and len(maps) == 5
+    maps = [*actor.trunk.layers, actor.gru.input_map, actor.gru.hidden_map, *actor.head.layers]
+    assert all(isinstance(m, LoRALinear) for m in maps) and len(maps) == 6  # the layer after the GRU too
     trainable = {p for p in actor.parameters() if p.requires_grad}
     assert trainable == {actor.log_std, *(p for m in maps for p in (m.lora_A, m.lora_B))}
 
@@ -120,13 +120,13 @@ def test_separate_recurrent_policies_carry_each_rows_state_through_its_agents_ne
 @pytest.mark.parametrize("adapted", [False, True])
 def test_a_recurrent_state_dict_rebuilds_the_same_policy(adapted) -> None:
     torch.manual_seed(3)
-    actor = make_actor("shared", 5, 2, [7, 6], num_agents=2, init_std=0.3, rnn_dim=4)
+    actor = make_actor("shared", 5, 2, [7, 6], num_agents=2, init_std=0.3, rnn_dim=4, after_dims=[3, 5])
     if adapted:
         adapt_lorasa(actor, rank=3, alpha=3.0)
         with torch.no_grad():
             actor.gru.hidden_map.lora_A.normal_()
     restored = policy_from_state_dict(actor.state_dict(), alpha=3.0 if adapted else None)
-    assert isinstance(restored, RecurrentGaussianPolicy) and restored.rnn_dim == 4
+    assert isinstance(restored, RecurrentGaussianPolicy) and (restored.rnn_dim, restored.after_dims) == (4, (3, 5))
     obs, agent = torch.randn(3, 6, 5), torch.arange(6) % 2
     assert torch.equal(_sequence(restored, obs, agent)[0], _sequence(actor, obs, agent)[0])
 
@@ -183,7 +183,8 @@ def recurrent_run(tmp_path_factory) -> tuple[Path, object]:
 def test_a_recurrent_mappo_run_saves_a_gru_actor_and_resumes_bit_for_bit(recurrent_run, tmp_path, monkeypatch) -> None:
     whole_dir, whole = recurrent_run
     actor = load_checkpoint(whole_dir / "checkpoints" / "latest.pt")["agent"]["actor"]
-    assert actor["gru.hidden_map.weight"].shape == (24, 8) and actor["head.weight"].shape == (5, 8)
+    assert actor["gru.hidden_map.weight"].shape == (24, 8)
+    assert actor["head.layers.0.weight"].shape == (6, 8) and actor["head.layers.1.weight"].shape == (5, 6)
     resumed = crash_and_resume(monkeypatch, RECURRENT, tmp_path / "broken", 120)
     assert (resumed.env_step, resumed.last_eval_return) == (whole.env_step, whole.last_eval_return)
     assert_same_agent(whole_dir, tmp_path / "broken", ("actor", "critic", "obs_rms", "state_rms", "value_rms"))
@@ -194,7 +195,7 @@ def test_lorasa_fine_tunes_a_recurrent_shared_run_through_the_grus_maps(recurren
     run_dir = tmp_path / "lorasa"
     train_one_thread([*RECURRENT, "policy=lorasa", f"policy.from={recurrent_run[0]}", "policy.rank=2"], run_dir)
     tuned = load_checkpoint(run_dir / "checkpoints" / "latest.pt")["agent"]["actor"]
-    for name in ("gru.input_map", "gru.hidden_map", "head", "trunk.layers.0"):
+    for name in ("trunk.layers.0", "gru.input_map", "gru.hidden_map", "head.layers.0", "head.layers.1"):
         assert torch.equal(tuned[f"{name}.base"], base[f"{name}.weight"])
         assert tuned[f"{name}.lora_A"].shape[0] == 2 and bool(tuned[f"{name}.lora_A"].abs().sum() > 0)
 
@@ -229,6 +230,17 @@ def test_a_recurrent_policy_exports_with_its_hidden_state_as_input_and_output(re
     assert [i.name for i in alone.get_inputs()] == ["obs", "hidden"]
 
 
+def test_separate_recurrent_policies_export_with_their_state(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    run_dir = tmp_path / "separate"
+    train_one_thread([*RECURRENT, "policy=separate", "total_env_steps=40"], run_dir)
+    result = export_checkpoint(run_dir, tmp_path / "export", num_obs=32)  # checked over 3 steps in onnxruntime
+    assert result.metadata["actor"] == "SeparatePolicies" and result.max_abs_diff < 1e-5
+    session = ort.InferenceSession(str(result.policy_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["obs", "agent_id", "hidden"]
+    assert [o.name for o in session.get_outputs()] == ["actions", "next_hidden"]
+
+
 def test_team_returns_carry_the_hidden_state_and_differ_from_a_stateless_evaluation(recurrent_run) -> None:
     """An evaluation that forgets the state (a fresh zero state every step) is another policy: the team returns
     of the same trained actor differ, so `team_returns` is carrying the state along."""
@@ -252,6 +264,7 @@ def test_team_returns_carry_the_hidden_state_and_differ_from_a_stateless_evaluat
         (["algo.chunk_length=0"], "algo.chunk_length=0: allowed an integer >= 1"),
         (["algo.recurrent=maybe"], "algo.recurrent='maybe'"),
         (["algo.num_minibatches=9"], r"algo.num_minibatches=9: a rollout holds 8 chunks"),
+        (["algo.rnn_after_dims=[0]"], r"algo.rnn_after_dims=\[0\]: allowed a list of integers >= 1"),
     ],
 )  # fmt: skip
 def test_bad_recurrent_values_are_one_line_config_errors(overrides, message) -> None:

@@ -59,7 +59,7 @@ def build(cfg: MAPPOConfig, env: Any, device: torch.device, generator: torch.Gen
     statistics = (RunningMeanStd(env.obs_dim), RunningMeanStd(env.state_dim))
     if cfg.policy_mode != "lorasa":
         actor = make_actor(cfg.policy_mode, env.obs_dim, env.act_dim, cfg.actor_hidden_dims, env.num_agents, cfg.init_std,
-                           cfg.rnn_hidden_dim if cfg.recurrent else None)  # fmt: skip
+                           cfg.rnn_hidden_dim if cfg.recurrent else None, cfg.rnn_after_dims)  # fmt: skip
         return MAPPO(cfg, actor, critic, *statistics, mask, device, generator)
     try:
         path = resolve_checkpoint(cfg.policy_from, key="policy.from")
