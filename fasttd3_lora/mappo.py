@@ -317,7 +317,8 @@ class MAPPO:
         state = self.state_rms.normalize(state.to(self.device))
         agent = self.agent_ids(n)
         if hidden is not None:
-            hidden = reset_hidden(hidden, first.to(self.device))
+            first = first.to(self.device)
+            hidden = reset_hidden(hidden, first)
         mean, log_std, next_hidden = self._distribution(obs.flatten(0, 1), agent, None if hidden is None else hidden.flatten(0, 1))
         action = mean + torch.exp(log_std) * self._noise(mean.shape) * self.action_mask[agent]
         as_env = lambda x: x.view(n, self.num_agents, *x.shape[1:])  # noqa: E731
@@ -325,7 +326,7 @@ class MAPPO:
                            "log_std": as_env(log_std), "log_prob": as_env(gaussian.log_prob(action, mean, log_std)),
                            "value": self.denormalize(self._values(state))}, batch_size=[n], device=self.device)  # fmt: skip
         if hidden is not None:
-            step.update({"hidden": hidden, "first": first.to(self.device), "next_hidden": as_env(next_hidden)})
+            step.update({"hidden": hidden, "first": first, "next_hidden": as_env(next_hidden)})
         return step
 
     @torch.no_grad()

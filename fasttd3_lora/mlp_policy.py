@@ -13,16 +13,16 @@ their linear maps can carry LoRA adapters (`fasttd3_lora.adapters`) and a batch 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fasttd3_lora.adapters import add_adapters, adapted, dense_merged
+from fasttd3_lora.adapters import add_adapters, adapted, dense_merged, linear_maps
 from fasttd3_lora.hypersphere import check_positive_int
 
-__all__ = ["MLP", "GaussianPolicy", "ValueFunction", "task_rows", "log_std_rows", "merged_policy"]
+__all__ = ["MLP", "GaussianPolicy", "ValueFunction", "task_rows", "log_std_rows", "layer_shapes", "load_adapted", "merged_policy"]
 
 Task = int | Tensor | None  # None: task 0 for every row; an int: one task for every row; (batch,) long: per row
 
@@ -39,6 +39,27 @@ def task_rows(task: Task, batch: int, device: torch.device) -> Tensor | int:
 def log_std_rows(log_std: Tensor, rows: Tensor | int, mean: Tensor) -> Tensor:
     """Each row's log-std from a (num_tasks, act_dim) table, shaped like `mean`."""
     return log_std[rows] if isinstance(rows, Tensor) else log_std[rows].expand_as(mean)
+
+
+def layer_shapes(state: Mapping[str, Tensor], mlp: str) -> list[tuple[int, ...]]:
+    """(out, in) of each linear layer of the `MLP` named `mlp` in a state dict (its `weight`, or `base` where the
+    layer carries adapters)."""
+    shapes: list[tuple[int, ...]] = []
+    while (w := state.get(f"{mlp}.layers.{len(shapes)}.weight", state.get(f"{mlp}.layers.{len(shapes)}.base"))) is not None:
+        shapes.append(tuple(w.shape))
+    return shapes
+
+
+def load_adapted(policy: nn.Module, state: Mapping[str, Tensor], rank: int | None, alpha: float | None) -> nn.Module:
+    """`policy` (built plain, sized from `state`) with adapters on every linear map where `state` holds them, then
+    `state` loaded strictly. A state dict does not hold the rank and alpha asked for: rank None is the widest
+    adapter's (narrow layers hold fewer: `add_adapters`), alpha None is alpha = rank."""
+    factors = [a for key, a in state.items() if key.endswith("lora_A")]  # (num_adapters, rank, in)
+    if factors:
+        add_adapters(policy, linear_maps(policy), rank=rank or max(a.shape[1] for a in factors),
+                     num_adapters=factors[0].shape[0], alpha=alpha)  # fmt: skip
+    policy.load_state_dict(state)
+    return policy
 
 
 @torch.no_grad()
@@ -101,27 +122,15 @@ class GaussianPolicy(nn.Module):
         return merged_policy(self, k)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor], alpha: float | None = None,
+    def from_state_dict(cls, state: Mapping[str, Tensor], alpha: float | None = None,
                         rank: int | None = None) -> "GaussianPolicy":  # fmt: skip
-        """The policy a `state_dict()` came from (sizes, and LoRA adapters where it has them, with the `rank` and
-        `alpha` asked for, which a state dict does not hold: rank None is the widest adapter's, alpha None is alpha
-        = rank), loaded strictly: export rebuilds a run's policy from its checkpoint and config alone."""
-        i, dims, ranks, adapters = 0, [], [], 1
-        while f"mean_net.layers.{i}.weight" in state or f"mean_net.layers.{i}.base" in state:
-            weight = state.get(f"mean_net.layers.{i}.weight", state.get(f"mean_net.layers.{i}.base"))
-            dims.append(tuple(weight.shape))
-            if f"mean_net.layers.{i}.lora_A" in state:
-                adapters, r, _ = state[f"mean_net.layers.{i}.lora_A"].shape  # (num_adapters, rank, in)
-                ranks.append(r)  # narrow layers hold fewer than the asked rank (add_adapters)
-            i += 1
+        """The policy a `state_dict()` came from (sizes, and LoRA adapters where it has them: `load_adapted`),
+        loaded strictly: export rebuilds a run's policy from its checkpoint and config alone."""
+        dims = layer_shapes(state, "mean_net")
         if not dims:
             raise ValueError("not a GaussianPolicy state dict (no mean_net.layers.0)")
         policy = cls(dims[0][1], dims[-1][0], [d[0] for d in dims[:-1]], num_tasks=state["log_std"].shape[0])
-        if ranks:
-            add_adapters(policy.mean_net, list(policy.mean_net.layers), rank=rank or max(ranks), num_adapters=adapters,
-                         alpha=alpha)  # fmt: skip
-        policy.load_state_dict(state)
-        return policy
+        return load_adapted(policy, state, rank, alpha)
 
 
 class ValueFunction(nn.Module):

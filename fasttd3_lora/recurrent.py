@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fasttd3_lora.adapters import add_adapters, adapted, linear_maps
+from fasttd3_lora.adapters import adapted
 from fasttd3_lora.hypersphere import check_positive_int
-from fasttd3_lora.mlp_policy import MLP, Task, log_std_rows, merged_policy, task_rows
+from fasttd3_lora.mlp_policy import MLP, Task, layer_shapes, load_adapted, log_std_rows, merged_policy, task_rows
 
 __all__ = ["gru_step", "reset_hidden", "GRUCell", "RecurrentGaussianPolicy", "unroll"]
 
@@ -50,7 +50,6 @@ class GRUCell(nn.Module):
         super().__init__()
         check_positive_int("GRU input width", in_dim)
         check_positive_int("GRU hidden width", hidden_dim)
-        self.hidden_dim = hidden_dim
         self.input_map = nn.Linear(in_dim, 3 * hidden_dim)
         self.hidden_map = nn.Linear(hidden_dim, 3 * hidden_dim)
         bound = 1.0 / math.sqrt(hidden_dim)
@@ -118,29 +117,15 @@ class RecurrentGaussianPolicy(nn.Module):
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Tensor], alpha: float | None = None,
                         rank: int | None = None) -> "RecurrentGaussianPolicy":  # fmt: skip
-        """The policy a `state_dict()` came from, sized by its tensors, adapted where it holds adapters (as
-        `GaussianPolicy.from_state_dict`: rank None is the widest adapter's, alpha None is alpha = rank), loaded
-        strictly."""
-        weight = lambda name: state.get(f"{name}.weight", state.get(f"{name}.base"))  # noqa: E731
-
-        def widths(mlp: str) -> list[int]:  # each layer's output width
-            out = []
-            while (w := weight(f"{mlp}.layers.{len(out)}")) is not None:
-                out.append(w.shape[0])
-            return out
-
-        trunk, head, hidden_map = widths("trunk"), widths("head"), weight("gru.hidden_map")
+        """The policy a `state_dict()` came from, sized by its tensors, adapted where it holds adapters
+        (`load_adapted`), loaded strictly."""
+        trunk, head = layer_shapes(state, "trunk"), layer_shapes(state, "head")
+        hidden_map = state.get("gru.hidden_map.weight", state.get("gru.hidden_map.base"))
         if not trunk or not head or hidden_map is None:
             raise ValueError("not a RecurrentGaussianPolicy state dict (no trunk.layers.0, gru.hidden_map or head.layers.0)")
-        obs_dim = weight("trunk.layers.0").shape[1]
-        policy = cls(obs_dim, head[-1], trunk, hidden_map.shape[1], num_tasks=state["log_std"].shape[0],
-                     after_dims=head[:-1])  # fmt: skip
-        ranks = [a.shape[1] for key, a in state.items() if key.endswith("lora_A")]  # (num_adapters, rank, in)
-        if ranks:
-            adapters = next(a.shape[0] for key, a in state.items() if key.endswith("lora_A"))
-            add_adapters(policy, linear_maps(policy), rank=rank or max(ranks), num_adapters=adapters, alpha=alpha)
-        policy.load_state_dict(state)
-        return policy
+        policy = cls(trunk[0][1], head[-1][0], [d[0] for d in trunk], hidden_map.shape[1],
+                     num_tasks=state["log_std"].shape[0], after_dims=[d[0] for d in head[:-1]])  # fmt: skip
+        return load_adapted(policy, state, rank, alpha)
 
 
 def unroll(policy: Callable[..., tuple[Tensor, Tensor, Tensor]], obs: Tensor, first: Tensor, hidden: Tensor,
